@@ -1,0 +1,16 @@
+"""Served Tesseracts as first-class citizens of JAX, lineax, optimistix and Equinox."""
+
+from ._batching import Decision as Decision, estimate_costs as estimate_costs
+from ._client import Client as Client
+from ._errors import (
+    TesseractConnectionError as TesseractConnectionError,
+    TesseractDtypeError as TesseractDtypeError,
+    TesseractError as TesseractError,
+    TesseractServerError as TesseractServerError,
+    TesseractValidationError as TesseractValidationError,
+)
+from ._module import TesseractModule as TesseractModule
+from ._serve import serve as serve
+
+
+__version__ = "0.1.0"
