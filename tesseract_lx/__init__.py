@@ -10,6 +10,12 @@ from ._errors import (
     TesseractValidationError as TesseractValidationError,
 )
 from ._module import TesseractModule as TesseractModule
+from ._operator import (
+    AbstractTesseractOperator as AbstractTesseractOperator,
+    TesseractJacobianOperator as TesseractJacobianOperator,
+    TesseractLinearOperator as TesseractLinearOperator,
+)
+from ._optimistix import ResidualFn as ResidualFn, residual_fn as residual_fn
 from ._serve import serve as serve
 
 

@@ -1,0 +1,349 @@
+"""lineax operators backed by a Tesseract: `mv` is a JVP (or `/apply`), `.T.mv` a VJP.
+
+The operators sit on a `TesseractModule` and bind its primitives directly, so an
+`mv` is one request and no `/apply` goes with it. Materialising is a vmap of `mv` over
+the identity under the `batched` (else `jacobian`) rule: one request, never n.
+"""
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.flatten_util as jfu
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+from jaxtyping import Array, Float, PyTree
+
+from ._batching import available, JVP, output_avals
+from ._module import TesseractModule
+from ._primitive import apply_p, Call, jvp_p, vjp_p
+
+
+def _paths(name: str, value: str | tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
+        return value
+    raise TypeError(
+        f"`{name}` must be a dotted path such as 'u' or 'x.x1', or a tuple of them; "
+        f"got {value!r}."
+    )
+
+
+def _index(kind: str, paths: tuple[str, ...], known: tuple[str, ...], diff) -> tuple:
+    out = []
+    for p in paths:
+        if p not in known or known.index(p) not in diff:
+            names = ", ".join(f"`{known[i]}`" for i in sorted(diff))
+            raise ValueError(
+                f"`{kind}='{p}'` is not a differentiable "
+                f"{'input' if kind == 'wrt' else 'output'}; differentiable "
+                f"{'inputs' if kind == 'wrt' else 'outputs'} are: {names}."
+            )
+        out.append(known.index(p))
+    return tuple(out)
+
+
+_TRANSPOSED_TAGS = {
+    lx.lower_triangular_tag: lx.upper_triangular_tag,
+    lx.upper_triangular_tag: lx.lower_triangular_tag,
+}
+
+
+def _replace(operator, **changes):
+    """A copy with some fields changed, without re-running `__init__` (no requests)."""
+    new = object.__new__(type(operator))
+    for field in dataclasses.fields(operator):
+        value = changes.get(field.name, getattr(operator, field.name))
+        object.__setattr__(new, field.name, value)
+    return new
+
+
+def _transpose_tags(tags: frozenset) -> frozenset:
+    return frozenset(_TRANSPOSED_TAGS.get(t, t) for t in tags)
+
+
+class AbstractTesseractOperator(lx.AbstractLinearOperator):
+    """The shared machinery of `TesseractJacobianOperator` and
+    `TesseractLinearOperator`: the derivative of `of` with respect to `wrt`."""
+
+    module: eqx.AbstractVar[TesseractModule]
+    inputs: eqx.AbstractVar[dict]
+    wrt: eqx.AbstractVar[tuple[str, ...]]
+    of: eqx.AbstractVar[tuple[str, ...]]
+    tags: eqx.AbstractVar[frozenset]
+    transposed: eqx.AbstractVar[bool]
+    _structure: eqx.AbstractVar[tuple]
+
+    def _call(self) -> tuple[Call, list, tuple, tuple]:
+        call, operands = self.module.prepare(self.inputs)
+        diff_out = frozenset(call.diff_out)
+        wrt = _index("wrt", self.wrt, call.in_paths, call.diff_in)
+        of = _index("of", self.of, call.out_paths, diff_out)
+        return call, operands, wrt, of
+
+    def _pack(self, paths, leaves) -> PyTree:
+        return leaves[0] if len(paths) == 1 else dict(zip(paths, leaves))
+
+    def _unpack(self, paths, tree, structure) -> list:
+        leaves = [tree] if len(paths) == 1 else [tree[p] for p in paths]
+        for p, x, s in zip(paths, leaves, structure):
+            if jnp.shape(x) != s.shape:
+                raise ValueError(
+                    f"The vector for `{p}` must have shape {s.shape}, got "
+                    f"{jnp.shape(x)}."
+                )
+        return [jnp.asarray(x, s.dtype) for x in leaves]
+
+    def in_structure(self):
+        ins, outs = self._structure
+        paths, structs = (self.of, outs) if self.transposed else (self.wrt, ins)
+        return self._pack(paths, list(structs))
+
+    def out_structure(self):
+        ins, outs = self._structure
+        paths, structs = (self.wrt, ins) if self.transposed else (self.of, outs)
+        return self._pack(paths, list(structs))
+
+    def _jvp(self, vector) -> PyTree:
+        call, operands, wrt, of = self._call()
+        ins, outs = self._structure
+        tangents = self._unpack(self.wrt, vector, ins)
+        results = jvp_p.bind(
+            *operands,
+            *tangents,
+            call=call,
+            batched=(False,) * (len(operands) + len(tangents)),
+            jvp_in=wrt,
+            jvp_out=of,
+            out_avals=tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in outs),
+        )
+        return self._pack(self.of, results)
+
+    def _vjp(self, vector) -> PyTree:
+        call, operands, wrt, of = self._call()
+        ins, outs = self._structure
+        cts = self._unpack(self.of, vector, outs)
+        results = vjp_p.bind(
+            *operands,
+            *cts,
+            call=call,
+            batched=(False,) * (len(operands) + len(cts)),
+            vjp_in=wrt,
+            vjp_out=of,
+        )
+        return self._pack(self.wrt, results)
+
+    def mv(self, vector):
+        return self._vjp(vector) if self.transposed else self._forward(vector)
+
+    def _forward(self, vector):
+        return self._jvp(vector)
+
+    def as_matrix(self) -> Float[Array, "m n"]:
+        """The matrix, in one request (`batched` JVP/VJP of the identity, else
+        `/jacobian`); sequential JVPs only if the Tesseract serves neither."""
+        call, _, _, _ = self._call()
+        kind = "vector_jacobian_product" if self.transposed else JVP
+        rules = available(call, kind)
+        rule = next((r for r in ("batched", "jacobian") if r in rules), call.batching)
+        op = _replace(self, module=TesseractModule(self.module.client, rule))
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), self.in_structure()
+        )
+        flat, unravel = jfu.ravel_pytree(zeros)
+        basis = jax.vmap(unravel)(jnp.eye(flat.size, dtype=flat.dtype))
+        columns = jax.vmap(op._jvp_or_vjp)(basis)
+        rows = jax.vmap(lambda c: jfu.ravel_pytree(c)[0])(columns)
+        return rows.T
+
+    def _jvp_or_vjp(self, vector):
+        return self._vjp(vector) if self.transposed else self._jvp(vector)
+
+
+def _structure(module: TesseractModule, inputs: dict, wrt, of) -> tuple:
+    call, operands = module.prepare(inputs)
+    wrt_i = _index("wrt", wrt, call.in_paths, call.diff_in)
+    of_i = _index("of", of, call.out_paths, frozenset(call.diff_out))
+    avals = [jax.typeof(x) for x in operands]
+    outs = output_avals(call, avals)
+    ins = tuple(jax.ShapeDtypeStruct(avals[i].shape, avals[i].dtype) for i in wrt_i)
+    outs = tuple(jax.ShapeDtypeStruct(outs[j].shape, outs[j].dtype) for j in of_i)
+    return ins, outs
+
+
+class TesseractJacobianOperator(AbstractTesseractOperator):
+    """The Jacobian `d(of)/d(wrt)` of a Tesseract at the point `inputs`.
+
+    **Arguments:**
+
+    - `f`: a `TesseractModule`.
+    - `inputs`: the point, a dict of all the Tesseract's inputs.
+    - `wrt`: the input(s) to differentiate with respect to: a dotted path (`"u"`,
+        `"params.a"`) or a tuple of them (then vectors are dicts keyed by path).
+    - `of`: the output(s) to differentiate, likewise.
+    - `tags`: lineax tags, e.g. `lx.symmetric_tag` (unchecked).
+
+    `mv` sends one `/jacobian_vector_product`; `.T.mv` one
+    `/vector_jacobian_product`; `as_matrix` one request; a vmapped `mv` goes through
+    the module's batching rule. `in_structure`/`out_structure` send nothing.
+
+    !!! Example
+
+        ```python
+        J = tlx.TesseractJacobianOperator(f, {"u": u, "k": k, "f": f0}, "u", "residual")
+        du = lx.linear_solve(J, -r, lx.GMRES(rtol=1e-8, atol=1e-8)).value
+        ```
+    """
+
+    module: TesseractModule
+    inputs: dict
+    wrt: tuple[str, ...] = eqx.field(static=True)
+    of: tuple[str, ...] = eqx.field(static=True)
+    tags: frozenset = eqx.field(static=True)
+    transposed: bool = eqx.field(static=True)
+    _structure: tuple = eqx.field(static=True)
+
+    def __init__(
+        self,
+        f: TesseractModule,
+        inputs: dict,
+        wrt: str | tuple[str, ...],
+        of: str | tuple[str, ...],
+        *,
+        tags: Any = frozenset(),
+        transposed: bool = False,
+    ):
+        if not isinstance(f, TesseractModule):
+            raise TypeError(f"`f` must be a `TesseractModule`, got {type(f).__name__}.")
+        self.module = f
+        self.inputs = inputs
+        self.wrt = _paths("wrt", wrt)
+        self.of = _paths("of", of)
+        if not isinstance(tags, frozenset | set | tuple | list):
+            tags = (tags,)
+        self.tags = frozenset(tags)
+        self.transposed = transposed
+        self._structure = _structure(f, inputs, self.wrt, self.of)
+
+    def transpose(self) -> "TesseractJacobianOperator":
+        if lx.symmetric_tag in self.tags:
+            return self
+        return _replace(
+            self, transposed=not self.transposed, tags=_transpose_tags(self.tags)
+        )
+
+
+class TesseractLinearOperator(AbstractTesseractOperator):
+    """A Tesseract that is linear in `wrt`, as the operator `wrt -> of`.
+
+    Arguments as for `TesseractJacobianOperator`; the point's `wrt` entry fixes only
+    shapes (and, for the transpose, where the VJP is taken: anywhere, by linearity).
+
+    `mv(x)` sends one `/apply` with `wrt` replaced by `x` (assumes linearity,
+    unchecked); `.T.mv` one `/vector_jacobian_product`; `as_matrix` one request.
+    """
+
+    module: TesseractModule
+    inputs: dict
+    wrt: tuple[str, ...] = eqx.field(static=True)
+    of: tuple[str, ...] = eqx.field(static=True)
+    tags: frozenset = eqx.field(static=True)
+    transposed: bool = eqx.field(static=True)
+    _structure: tuple = eqx.field(static=True)
+
+    __init__ = TesseractJacobianOperator.__init__
+    transpose = TesseractJacobianOperator.transpose
+
+    def _forward(self, vector):
+        call, operands, wrt, of = self._call()
+        ins, _ = self._structure
+        xs = self._unpack(self.wrt, vector, ins)
+        for i, x in zip(wrt, xs):
+            operands[i] = x
+        outs = apply_p.bind(*operands, call=call, batched=(False,) * len(operands))
+        return self._pack(self.of, [outs[j] for j in of])
+
+
+@lx.linearise.register(AbstractTesseractOperator)
+def _(operator):
+    return operator
+
+
+@lx.materialise.register(AbstractTesseractOperator)
+def _(operator):
+    return lx.MatrixLinearOperator(operator.as_matrix(), operator.tags) if (
+        _is_flat(operator)
+    ) else lx.PyTreeLinearOperator(
+        _matrix_pytree(operator), operator.out_structure(), operator.tags
+    )
+
+
+@lx.diagonal.register(AbstractTesseractOperator)
+def _(operator):
+    return jnp.diag(operator.as_matrix())
+
+
+@lx.tridiagonal.register(AbstractTesseractOperator)
+def _(operator):
+    matrix = operator.as_matrix()
+    return jnp.diag(matrix, -1), jnp.diag(matrix), jnp.diag(matrix, 1)
+
+
+def _has(tag):
+    def check(operator):
+        return tag in operator.tags
+
+    return check
+
+
+for _fn, _tags in (
+    (lx.is_symmetric, (lx.symmetric_tag, lx.diagonal_tag)),
+    (lx.is_diagonal, (lx.diagonal_tag,)),
+    (lx.is_tridiagonal, (lx.tridiagonal_tag, lx.diagonal_tag)),
+    (lx.has_unit_diagonal, (lx.unit_diagonal_tag,)),
+    (lx.is_lower_triangular, (lx.lower_triangular_tag, lx.diagonal_tag)),
+    (lx.is_upper_triangular, (lx.upper_triangular_tag, lx.diagonal_tag)),
+    (lx.is_positive_semidefinite, (lx.positive_semidefinite_tag,)),
+    (lx.is_negative_semidefinite, (lx.negative_semidefinite_tag,)),
+):
+    _fn.register(AbstractTesseractOperator)(
+        lambda operator, _tags=_tags: any(t in operator.tags for t in _tags)
+    )
+
+
+@lx.conj.register(AbstractTesseractOperator)
+def _(operator):
+    # Tesseracts compute over the reals.
+    return operator
+
+
+def _is_flat(operator) -> bool:
+    return all(
+        isinstance(s, jax.ShapeDtypeStruct) and s.ndim == 1
+        for s in (operator.in_structure(), operator.out_structure())
+    )
+
+
+def _matrix_pytree(operator):
+    """The matrix as lineax's `PyTreeLinearOperator` wants it: per (out, in) leaf,
+    a block of shape `out.shape + in.shape`."""
+    matrix = operator.as_matrix()
+    outs = jax.tree.leaves(operator.out_structure())
+    ins = jax.tree.leaves(operator.in_structure())
+    out_tree = jax.tree.structure(operator.out_structure())
+    in_tree = jax.tree.structure(operator.in_structure())
+    o_sizes = np.cumsum([0] + [int(np.prod(s.shape)) for s in outs])
+    i_sizes = np.cumsum([0] + [int(np.prod(s.shape)) for s in ins])
+    rows = []
+    for a, so in enumerate(outs):
+        blocks = [
+            matrix[o_sizes[a] : o_sizes[a + 1], i_sizes[b] : i_sizes[b + 1]].reshape(
+                *so.shape, *si.shape
+            )
+            for b, si in enumerate(ins)
+        ]
+        rows.append(jax.tree.unflatten(in_tree, blocks))
+    return jax.tree.unflatten(out_tree, rows)
