@@ -373,7 +373,22 @@ def _lin_rows(arrays, batched, n, idx, k):
     return rows
 
 
+def _admits_batch_axis(call: "Call") -> bool:
+    """Whether every array of the schema takes any rank (`Array[..., dtype]`): then
+    a leading batch axis passes through the Tesseract as it is."""
+    schema = call.client.schema
+    leaves = [*schema.inputs.values(), *schema.outputs.values()]
+    return all(leaf.shape is None for leaf in leaves if leaf.is_array)
+
+
+def _stacked(arrays, batched, k: int) -> list[np.ndarray]:
+    return [a if b else np.broadcast_to(a, (k, *a.shape)) for a, b in zip(arrays, batched)]
+
+
 def run_apply(arrays, *, result_avals, call: "Call", batched) -> list[np.ndarray]:
+    if any(batched) and _admits_batch_axis(call):
+        k = next(a.shape[0] for a, b in zip(arrays, batched) if b)
+        return _apply_one(call, _stacked(arrays, batched, k))
     if not any(batched):
         outs = _apply_one(call, arrays)
         shapes = {p: (o.shape, str(o.dtype)) for p, o in zip(call.out_paths, outs)}
@@ -419,6 +434,14 @@ def _run_linear(kind, arrays, result_avals, call: "Call", batched, src_idx, dst_
             _check(call, d, out[d][0], np.dtype(a.dtype))
             for d, a in zip(dst, result_avals)
         ]
+    if any(batched[:n]) and _admits_batch_axis(call):
+        # One request: the batch axis rides on the primals and (co)tangents alike.
+        k = next(a.shape[0] for a, b in zip(arrays, batched) if b)
+        full = _stacked(arrays, batched, k)
+        lin = {s: a[None] for s, a in zip(src, full[n:])}
+        batch_shapes = {d: (k, *shapes[d]) for d in dst}
+        out = _linear_batch(call, kind, full[:n], src, dst, lin, 1, batch_shapes)
+        return [_check(call, d, out[d][0], np.dtype(a.dtype)) for d, a in zip(dst, result_avals)]
     k, groups = _groups(arrays, batched, n)
     outs = [np.empty(a.shape, a.dtype) for a in result_avals]
     for idx, point in groups:
