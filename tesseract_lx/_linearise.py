@@ -1,0 +1,305 @@
+"""The server's linearisation cache: no forward pass twice at the same primal point.
+
+Newton asks a Tesseract for `/apply` at a point, then a batch of JVPs, then Krylov
+mat-vecs, all at the same primal point; a stock server recomputes the forward pass for
+every one of them. This module keeps, for recent primal points, the *linearisation* of
+the Tesseract's own `jacobian_vector_product` (resp. `vector_jacobian_product`) in its
+tangent (resp. cotangent) argument, so that later requests at a cached point do tangent
+work only.
+
+**Why not tesseract-core's pieces alone.** tesseract-core 1.15 caches the backward pass
+of its JAX recipe (`tesseract_core.runtime.experimental.set_jax_vjp_cache_size`), but
+only for VJPs, only when `/apply` ran first, and bounded in entries only. Its
+`LRUCache` (`tesseract_core.runtime.tree_transforms`) has no notion of bytes. So this
+module brings:
+
+- `LinearisationCache`: an LRU bounded in entries *and* bytes, keyed by a digest of the
+  primal inputs' exact bytes (plus shapes, dtypes and static values) and the
+  `(jvp_inputs, jvp_outputs)` / `(vjp_inputs, vjp_outputs)` sets;
+- the linearisation itself: `jax.linearize` of the Tesseract's JVP/VJP function with
+  respect to the (co)tangent. This works for any Tesseract whose JVP/VJP traces under
+  JAX (the JAX recipe does); otherwise the plain function is called and that is
+  remembered per signature.
+
+tesseract-core's own VJP cache can be switched on as well (`CacheSettings.
+tesseract_vjp_cache`), so that an `/apply` followed by a first VJP at the same point is
+cheap too; it is off by default because it slows every `/apply` down (see there).
+
+The linear function is evaluated eagerly, not under an outer `jax.jit`: its heavy part
+is the compiled tangent half of the Tesseract's own jitted function, which JAX reuses
+across primal points, whereas jitting the returned closure recompiles per point
+(measured ~50 ms each).
+"""
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from pydantic import BaseModel
+
+
+_MiB = 1024 * 1024
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Settings of a `LinearisationCache`.
+
+    **Arguments:**
+
+    - `enabled`: whether JVP/VJP requests go through the cache at all.
+    - `max_entries`: most linearisations kept at once.
+    - `max_bytes`: most residual bytes kept at once; a single linearisation larger than
+        this is used for its own request and not kept.
+    - `tesseract_vjp_cache`: also switch on tesseract-core's own VJP cache
+        (`set_jax_vjp_cache_size(max_entries)`), which makes a JAX recipe's `/apply`
+        keep its backward pass for a later VJP. Off by default: it runs every `/apply`
+        through an eager `jax.vjp`, measured 4x (Bratu, 128x128) to 15x (a
+        `fori_loop` forward pass) slower per `/apply`, while this cache already serves
+        every VJP at a point after the first.
+    """
+
+    enabled: bool = True
+    max_entries: int = 8
+    max_bytes: int = 1024 * _MiB
+    tesseract_vjp_cache: bool = False
+
+    @classmethod
+    def from_env(cls, *, enabled: bool | None = None) -> "CacheSettings":
+        """Settings from `TESSERACT_LX_CACHE` (`0`/`1`), `TESSERACT_LX_CACHE_ENTRIES`,
+        `TESSERACT_LX_CACHE_MB` and `TESSERACT_LX_TESSERACT_VJP_CACHE` (`0`/`1`);
+        `enabled`, when given, wins over the environment.
+        """
+        if enabled is None:
+            enabled = _flag("TESSERACT_LX_CACHE", True)
+        entries = int(os.environ.get("TESSERACT_LX_CACHE_ENTRIES", cls.max_entries))
+        mb = float(os.environ.get("TESSERACT_LX_CACHE_MB", cls.max_bytes / _MiB))
+        return cls(
+            enabled=enabled,
+            max_entries=entries,
+            max_bytes=int(mb * _MiB),
+            tesseract_vjp_cache=_flag("TESSERACT_LX_TESSERACT_VJP_CACHE", False),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "max_entries": self.max_entries,
+            "max_bytes": self.max_bytes,
+            "tesseract_vjp_cache": self.tesseract_vjp_cache,
+        }
+
+
+def _leaves(tree: Any) -> Iterable[Any]:
+    if isinstance(tree, BaseModel):
+        tree = tree.model_dump()
+    if isinstance(tree, dict):
+        for k in sorted(tree, key=str):
+            yield ("k", str(k))
+            yield from _leaves(tree[k])
+    elif isinstance(tree, list | tuple):
+        yield ("seq", type(tree).__name__, len(tree))
+        for v in tree:
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+def primal_digest(inputs: Any) -> str:
+    """A digest of a primal point: exact bytes, shapes and dtypes of every array leaf,
+    and the type and value of every other leaf.
+
+    Never float equality: `0.0` and `-0.0` differ, a NaN equals itself.
+    """
+    h = hashlib.blake2b(digest_size=20)
+    for leaf in _leaves(inputs):
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            arr = np.ascontiguousarray(np.asarray(leaf)).reshape(np.shape(leaf))
+            h.update(repr(("a", arr.shape, arr.dtype.str)).encode())
+            h.update(arr.tobytes())
+        else:
+            h.update(repr(("v", type(leaf).__name__, leaf)).encode())
+    return h.hexdigest()
+
+
+def _struct(tree: Any) -> tuple:
+    """Shapes and dtypes of a (co)tangent dict, as part of a key."""
+    return tuple(
+        (k, tuple(np.shape(v)), np.asarray(v).dtype.str)
+        for k, v in sorted(tree.items())
+    )
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
+
+
+class LinearisationCache:
+    """An LRU of linear functions, bounded in entries and residual bytes.
+
+    `jvp(...)` and `vjp(...)` have the signature of a Tesseract's
+    `jacobian_vector_product` / `vector_jacobian_product` with the function to call
+    first; `linear(...)` returns the cached linear map itself (used by the batched
+    endpoints to `jax.vmap` it). Counters `hits`, `misses`, `fallbacks` and `evictions`
+    are public and reported by the server's `/health`.
+    """
+
+    def __init__(self, settings: CacheSettings | None = None):
+        self.settings = settings or CacheSettings()
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[Hashable, tuple[Callable, int]] = OrderedDict()
+        self._bytes = 0
+        # Signatures whose function did not trace under JAX: called plainly from now.
+        self._untraceable: set[Hashable] = set()
+        self.hits = 0
+        self.misses = 0
+        self.fallbacks = 0
+        self.evictions = 0
+
+    # -- bookkeeping -----------------------------------------------------------------
+
+    def _get(self, key: Hashable) -> Callable | None:
+        with self._lock:
+            item = self._entries.pop(key, None)
+            if item is None:
+                self.misses += 1
+                return None
+            self._entries[key] = item
+            self.hits += 1
+            return item[0]
+
+    def _put(self, key: Hashable, fn: Callable, nbytes: int) -> None:
+        s = self.settings
+        if s.max_entries <= 0 or nbytes > s.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            while self._entries and (
+                len(self._entries) >= s.max_entries
+                or self._bytes + nbytes > s.max_bytes
+            ):
+                _, (_, b) = self._entries.popitem(last=False)
+                self._bytes -= b
+                self.evictions += 1
+            self._entries[key] = (fn, nbytes)
+            self._bytes += nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                **self.settings.as_dict(),
+                "entries": len(self._entries),
+                "bytes": self._bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+                "fallbacks": self.fallbacks,
+                "evictions": self.evictions,
+                "untraceable_signatures": len(self._untraceable),
+            }
+
+    # -- linearisation ---------------------------------------------------------------
+
+    def signature(
+        self, kind: str, inputs: Any, ins: Iterable[str], outs: Iterable[str], vec: dict
+    ):
+        """The per-signature part of a key: kind, path sets, (co)tangent structure."""
+        return (kind, tuple(sorted(ins)), tuple(sorted(outs)), _struct(vec))
+
+    def is_untraceable(self, signature: Hashable) -> bool:
+        return signature in self._untraceable
+
+    def mark_untraceable(self, signature: Hashable) -> None:
+        with self._lock:
+            self._untraceable.add(signature)
+            self.fallbacks += 1
+
+    def _linearise(self, kind, fn, inputs, ins, outs, vec, *, at_vec):
+        """`(lin, out)`: the linear map, and `fn(..., vec)` when it was built at `vec`
+        (a miss with `at_vec`), else `None`. `(None, None)` if `fn` does not trace.
+        """
+        ins, outs = set(ins), set(outs)
+        sig = self.signature(kind, inputs, ins, outs, vec)
+        if sig in self._untraceable:
+            return None, None
+        key = (sig, primal_digest(inputs))
+        lin = self._get(key)
+        if lin is not None:
+            return lin, None
+        if at_vec:
+            # Linearising at the request's own vector gives its answer as the primal
+            # output, so a miss costs one JVP/VJP, not two.
+            point = {k: np.asarray(v) for k, v in vec.items()}
+        else:
+            point = {
+                k: np.zeros(np.shape(v), np.asarray(v).dtype) for k, v in vec.items()
+            }
+        try:
+            out, lin = jax.linearize(lambda v: fn(inputs, ins, outs, v), point)
+        except Exception:
+            # Not traceable (NumPy code, a callback, ...): a genuine error in the
+            # Tesseract shows up again, unmasked, when it is called plainly.
+            self.mark_untraceable(sig)
+            return None, None
+        self._put(key, lin, _nbytes(lin))
+        return lin, (out if at_vec else None)
+
+    def linear(
+        self,
+        kind: str,
+        fn: Callable,
+        inputs: Any,
+        ins: Iterable[str],
+        outs: Iterable[str],
+        vec: dict[str, Any],
+    ) -> Callable | None:
+        """The linear map `v -> fn(inputs, ins, outs, v)` at this primal point.
+
+        Cached (hit) or built with `jax.linearize` and stored (miss). `vec` is only used
+        for its shapes and dtypes. Returns `None` if `fn` does not trace under JAX; that
+        is remembered for the signature and later calls return `None` straight away.
+        """
+        return self._linearise(kind, fn, inputs, ins, outs, vec, at_vec=False)[0]
+
+    def call(
+        self,
+        kind: str,
+        fn: Callable,
+        inputs: Any,
+        ins: Iterable[str],
+        outs: Iterable[str],
+        vec: dict[str, Any],
+    ) -> Any:
+        """`fn(inputs, ins, outs, vec)`, through the linearisation when it traces."""
+        lin, out = self._linearise(kind, fn, inputs, ins, outs, vec, at_vec=True)
+        if lin is None:
+            return fn(inputs, ins, outs, vec)
+        if out is not None:
+            return out
+        return lin({k: np.asarray(v) for k, v in vec.items()})
+
+
+def enable_tesseract_vjp_cache(size: int) -> None:
+    """Switch on tesseract-core's own JAX-recipe VJP cache (`/apply` then VJP)."""
+    from tesseract_core.runtime.experimental import set_jax_vjp_cache_size
+
+    set_jax_vjp_cache_size(size)
