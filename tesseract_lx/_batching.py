@@ -46,6 +46,8 @@ JVP, VJP = "jacobian_vector_product", "vector_jacobian_product"
 # Cost model defaults until the client has measured its own latencies.
 _ROUND_TRIP = 3e-3  # seconds per request on loopback
 _BYTES_PER_SECOND = 150e6  # base64 + JSON, both ways
+# A vectorised (co)tangent costs this fraction of a lone request's compute.
+_PER_ITEM = 0.25
 
 
 #
@@ -73,7 +75,7 @@ def get_path(tree: Any, path: str) -> Any:
     return tree
 
 
-def _inputs(call: "Call", primals: Sequence[np.ndarray]) -> dict:
+def _inputs(call: "Call", primals: Sequence[Any]) -> dict:
     return nest([*zip(call.in_paths, primals), *call.statics])
 
 
@@ -169,11 +171,12 @@ def _missing(call: "Call", what: str):
     )
 
 
-def _jacobian(call: "Call", primals, ins: list[str], outs: list[str]):
+def _jacobian(call: "Call", primals, ins: list[str], outs: list[str], size: int):
     """`{(out, in): J}` with `J` of shape `out.shape + in.shape`, in one request."""
     result = call.client.request(
         "jacobian",
         {"inputs": _inputs(call, primals), "jac_inputs": ins, "jac_outputs": outs},
+        size=size,
     )
     return {(o, i): np.asarray(get_path(result, o)[i]) for o in outs for i in ins}
 
@@ -221,50 +224,64 @@ def available(call: "Call", kind: str) -> list[str]:
     return rules
 
 
-def estimate_costs(call: "Call", kind: str, k: int, n_in: int, n_out: int) -> dict:
-    """Seconds each allowed rule is expected to take for K (co)tangents.
+def estimate_costs(
+    call: "Call", kind: str, k: int, n_in: int, n_out: int, size: int = 0
+) -> dict[str, float]:
+    """Seconds each rule the server allows is expected to take for K (co)tangents.
 
-    Fed by the client's measured latencies (EWMA per endpoint) where it has them.
+    **Arguments:**
+
+    - `kind`: `"jacobian_vector_product"` or `"vector_jacobian_product"`.
+    - `k`: how many (co)tangents.
+    - `n_in`, `n_out`: sizes of the differentiated inputs and outputs.
+    - `size`: elements of the point, which keys the client's measured latencies.
+
+    Measured latencies (`client.latency`, per endpoint and size) are used where the
+    client has them; otherwise defaults for loopback. A single request costs `one`;
+    `sequential` K of them; `concurrent` as many waves as K needs over the workers;
+    `batched` one request whose extra cost per tangent is measured (or guessed as a
+    quarter of a lone request's compute); `jacobian` one request carrying
+    `n_in * n_out` numbers, then a local contraction.
     """
     client = call.client
     lat = client.latency
-    one = lat.get(kind, _ROUND_TRIP)
-    per_tangent = max(one - _ROUND_TRIP, 0.1 * one)
-    nbytes = 8 * k * (n_in + n_out)
+    batched_name = f"batched_{kind}"
+    one = lat.get(kind, size)
+    if one is None:
+        one = lat.get(batched_name, size, 1) or _ROUND_TRIP
+    compute = max(one - _ROUND_TRIP, 0.1 * one)
+    transfer = 8 * k * (n_in + n_out) / _BYTES_PER_SECOND
     costs = {}
     for rule in available(call, kind):
         if rule == "sequential":
             costs[rule] = k * one
-        elif rule == "concurrent":
-            waves = math.ceil(k / client.parallelism)
-            costs[rule] = waves * one * (1.0 if client.parallelism > 1 else 1.05)
+        elif rule == "concurrent" and client.parallelism > 1:
+            costs[rule] = math.ceil(k / client.parallelism) * one
         elif rule == "jacobian":
-            rows = min(n_in, n_out)
-            costs[rule] = lat.get(
-                "jacobian",
-                _ROUND_TRIP
-                + 0.5 * rows * per_tangent
-                + 8 * n_in * n_out / _BYTES_PER_SECOND,
-            ) + 2e-9 * k * n_in * n_out
+            fetch = lat.get("jacobian", size)
+            if fetch is None:
+                rows = min(n_in, n_out)
+                fetch = one + _PER_ITEM * compute * (rows - 1)
+                fetch += 8 * n_in * n_out / _BYTES_PER_SECOND
+            costs[rule] = fetch + 2e-9 * k * n_in * n_out
         elif rule == "batched":
-            name = f"batched_{kind}"
-            if name in lat and f"{name}/k" in lat:
-                measured = lat[name] / max(lat[f"{name}/k"], 1.0)
-                costs[rule] = _ROUND_TRIP + k * max(measured - _ROUND_TRIP / k, 0)
-            else:
-                costs[rule] = _ROUND_TRIP + 0.5 * k * per_tangent
-            costs[rule] += nbytes / _BYTES_PER_SECOND
+            measured = lat.get(batched_name, size, k)
+            if measured is None:
+                measured = one + _PER_ITEM * compute * (k - 1) + transfer
+            costs[rule] = measured
     return costs
 
 
-def choose(call: "Call", kind: str, k: int, n_in: int, n_out: int) -> str:
+def choose(call: "Call", kind: str, k: int, n_in: int, n_out: int, size: int) -> str:
+    """The rule for K (co)tangents: the module's, or under `auto` the cheapest."""
     # A rule the server cannot serve (e.g. `sequential` without a JVP endpoint)
     # falls back to the cheapest one it can.
     if call.batching != "auto" and call.batching in available(call, kind):
         return call.batching
     if k == 1 and kind in call.client.schema.endpoints:
+        # One tangent never fetches the whole Jacobian (n_in * n_out numbers).
         return "sequential"
-    costs = estimate_costs(call, kind, k, n_in, n_out)
+    costs = estimate_costs(call, kind, k, n_in, n_out, size)
     chosen = min(costs, key=costs.__getitem__)
     ranked = ", ".join(f"{r}={c * 1e3:.2f} ms" for r, c in sorted(costs.items()))
     reason = f"K={k}, n_in={n_in}, n_out={n_out}: estimated {ranked}"
@@ -288,7 +305,9 @@ def _linear_batch(call: "Call", kind: str, primals, src, dst, lin, k, dst_shapes
         set(rules) & {"batched", "jacobian"}
     ):
         return _by_other_direction(call, kind, primals, src, dst, lin, k, dst_shapes)
-    rule = choose(call, kind, k, n_src if forward else n_dst, n_dst if forward else n_src)
+    size = sum(np.size(p) for p in primals)
+    n_in, n_out = (n_src, n_dst) if forward else (n_dst, n_src)
+    rule = choose(call, kind, k, n_in, n_out, size)
     inputs = _inputs(call, primals)
     names = ("jvp_inputs", "jvp_outputs", "tangent_vector")
     if not forward:
@@ -296,13 +315,12 @@ def _linear_batch(call: "Call", kind: str, primals, src, dst, lin, k, dst_shapes
     sel = (list(src), list(dst)) if forward else (list(dst), list(src))
     if rule == "jacobian":
         ins, outs = sel
-        jac = _jacobian(call, primals, ins, outs)
+        jac = _jacobian(call, primals, ins, outs, size)
         return _contract(jac, lin, src, dst, dst_shapes, k, forward)
     if rule == "batched":
         name = f"batched_{kind}"
         payload = {"inputs": inputs, names[0]: sel[0], names[1]: sel[1], names[2]: lin}
-        result = client.request(name, payload)
-        client.latency[f"{name}/k"] = k
+        result = client.request(name, payload, size=size, k=k)
         return {d: np.asarray(get_path(result, d)) for d in dst}
     payloads = [
         {
@@ -313,7 +331,9 @@ def _linear_batch(call: "Call", kind: str, primals, src, dst, lin, k, dst_shapes
         }
         for j in range(k)
     ]
-    results = client.request_many(kind, payloads, concurrent=rule == "concurrent")
+    results = client.request_many(
+        kind, payloads, concurrent=rule == "concurrent", size=size
+    )
     return {d: np.stack([np.asarray(get_path(r, d)) for r in results]) for d in dst}
 
 

@@ -199,6 +199,50 @@ def _to_numpy(tree: Any) -> Any:
     return tree
 
 
+class Latencies:
+    """Seconds per request, measured by the client, by endpoint and input size.
+
+    A request of K (co)tangents is modelled as `a + b K`: from samples at one K the
+    median stands; from several K, a least-squares line. The first sample of each
+    (endpoint, size, K) is dropped once a second arrives: it carries the server's
+    compilation.
+    """
+
+    def __init__(self):
+        self._samples: dict[tuple[str, int], collections.deque] = {}
+
+    def clear(self) -> None:
+        self._samples.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._samples)
+
+    def record(self, endpoint: str, size: int, k: int, seconds: float) -> None:
+        samples = self._samples.setdefault((endpoint, size), collections.deque(maxlen=12))
+        same = [s for s in samples if s[0] == k]
+        if len(same) == 1 and same[0][2]:
+            samples.remove(same[0])
+        samples.append((k, seconds, not same))
+
+    def get(self, endpoint: str, size: int, k: int = 1) -> float | None:
+        """Expected seconds for one request of `k` items, or `None` if unmeasured."""
+        samples = self._samples.get((endpoint, size))
+        if not samples:
+            return None
+        same = sorted(t for kk, t, _ in samples if kk == k)
+        if same:
+            return same[len(same) // 2]
+        ks = np.array([kk for kk, _, _ in samples], float)
+        ts = np.array([t for _, t, _ in samples], float)
+        if len(set(ks)) < 2:
+            # One batch size seen: scale its per-item part, keep its fixed part.
+            t0, k0 = float(np.median(ts)), ks[0]
+            fixed = min(t0, 3e-3)
+            return fixed + (t0 - fixed) * k / k0
+        b, a = np.polyfit(ks, ts, 1)
+        return max(a, 0.0) + max(b, 0.0) * k
+
+
 class Client:
     """A connection to one Tesseract (or several replicas of it).
 
@@ -243,7 +287,7 @@ class Client:
         self._transports = transports
         self.workers = workers
         self.stats: collections.Counter[str] = collections.Counter()
-        self.latency: dict[str, float] = {}
+        self.latency = Latencies()
         # What `batching="auto"` decided lately, and why (`_batching.Decision`).
         self.decisions: collections.deque = collections.deque(maxlen=100)
         self._schema: Schema | None = None
@@ -308,8 +352,12 @@ class Client:
     def health(self) -> dict:
         return self._transports[0].health()
 
-    def request(self, endpoint: str, payload: dict) -> dict:
-        """Send one request (to the next replica in turn); return decoded arrays."""
+    def request(self, endpoint: str, payload: dict, *, size: int = 0, k: int = 1):
+        """Send one request (to the next replica in turn); return decoded arrays.
+
+        `size` (elements of the point) and `k` (items in the request) key the
+        measured latency that the `auto` batching rule estimates from.
+        """
         transport = self._transports[next(self._next) % len(self._transports)]
         with self._lock:
             self.stats[endpoint] += 1
@@ -317,20 +365,25 @@ class Client:
         result = transport.post(endpoint, payload)
         elapsed = time.perf_counter() - start
         with self._lock:
-            old = self.latency.get(endpoint)
-            self.latency[endpoint] = elapsed if old is None else 0.7 * old + 0.3 * elapsed
+            self.latency.record(endpoint, size, k, elapsed)
         return result
 
     def request_many(
-        self, endpoint: str, payloads: Sequence[dict], *, concurrent: bool = False
+        self,
+        endpoint: str,
+        payloads: Sequence[dict],
+        *,
+        concurrent: bool = False,
+        size: int = 0,
     ) -> list[dict]:
         """Send several requests, in order or all in flight at once."""
+        send = lambda p: self.request(endpoint, p, size=size)
         if not concurrent or len(payloads) <= 1:
-            return [self.request(endpoint, p) for p in payloads]
+            return [send(p) for p in payloads]
         with self._lock:
             if self._pool is None:
                 self._pool = concurrent_pool(self.parallelism)
-        return list(self._pool.map(lambda p: self.request(endpoint, p), payloads))
+        return list(self._pool.map(send, payloads))
 
     def close(self) -> None:
         for t in self._transports:

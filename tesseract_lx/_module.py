@@ -65,6 +65,13 @@ def _static(leaf: Leaf, x: Any) -> Any:
             f"`{leaf.path}` is not an array input of the Tesseract: it must be a "
             "concrete Python value, not a traced one."
         )
+    # The schema rules this out: refuse here rather than send a request for a 422.
+    if leaf.dtype == "int64" and (
+        isinstance(x, bool) or not isinstance(x, int | np.integer)
+    ):
+        raise TypeError(
+            f"`{leaf.path}` must be an int, got {type(x).__name__} ({x!r})."
+        )
     if isinstance(x, list):
         x = tuple(x)
     try:
@@ -150,8 +157,11 @@ class TesseractModule(eqx.Module):
                 f"{_list(schema.inputs)}."
             )
         in_paths, operands, statics, diff_in = [], [], [], []
-        for path, value in flat.items():
-            leaf = schema.inputs[path]
+        # In the schema's order, not the dict's: `jax.jit` hands back dicts with
+        # sorted keys, and the call (its cache keys, its jit signature) must not
+        # depend on how the caller ordered theirs.
+        for path in (p for p in schema.inputs if p in flat):
+            leaf, value = schema.inputs[path], flat[path]
             if leaf.is_array:
                 if leaf.differentiable:
                     diff_in.append(len(operands))

@@ -16,7 +16,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
-from ._batching import available, JVP, output_avals
+from ._batching import available, JVP, output_avals, VJP
 from ._module import TesseractModule
 from ._primitive import apply_p, Call, jvp_p, vjp_p
 
@@ -146,8 +146,10 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
         """The matrix, in one request (`batched` JVP/VJP of the identity, else
         `/jacobian`); sequential JVPs only if the Tesseract serves neither."""
         call, _, _, _ = self._call()
-        kind = "vector_jacobian_product" if self.transposed else JVP
-        rules = available(call, kind)
+        kind, other = (VJP, JVP) if self.transposed else (JVP, VJP)
+        # A Tesseract serving neither this direction, its batched endpoint nor
+        # `/jacobian` gets it from the other direction: batch that one instead.
+        rules = available(call, kind) or available(call, other)
         rule = next((r for r in ("batched", "jacobian") if r in rules), call.batching)
         op = _replace(self, module=TesseractModule(self.module.client, rule))
         zeros = jax.tree.map(

@@ -273,7 +273,13 @@ ad.primitive_transposes[vjp_p] = functools.partial(_transpose, "vjp")
 
 def _batch_rule(prim, args, dims, *, batched, **params):
     k_new = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    k_old = _batch_size(args, batched) if any(batched) else None
+    # The size of the axis folded in by an inner vmap: the operand's logical axis 0,
+    # which is physical axis 1 when this vmap's axis sits in front of it.
+    k_old = next(
+        (a.shape[1] if d == 0 else a.shape[0])
+        for a, d, old in zip(args, dims, batched)
+        if old
+    ) if any(batched) else None
     new_args = []
     flags = []
     for a, d, old in zip(args, dims, batched):
