@@ -15,7 +15,7 @@ from ._operator import (
     TesseractJacobianOperator as TesseractJacobianOperator,
     TesseractLinearOperator as TesseractLinearOperator,
 )
-from ._optimistix import ResidualFn as ResidualFn, residual_fn as residual_fn
+from ._optimistix import residual_fn as residual_fn, ResidualFn as ResidualFn
 from ._serve import serve as serve
 
 

@@ -26,7 +26,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -92,7 +92,11 @@ def _check(call: "Call", path: str, x: Any, dtype: np.dtype | None) -> np.ndarra
     x = np.asarray(x)
     if dtype is None:
         return x
-    if x.dtype.kind in "fc" and dtype.kind in "fc" and x.dtype.itemsize < dtype.itemsize:
+    if (
+        x.dtype.kind in "fc"
+        and dtype.kind in "fc"
+        and x.dtype.itemsize < dtype.itemsize
+    ):
         msg = (
             f"The Tesseract answered `{path}` in {x.dtype} but {dtype} was asked for: "
             "it computes in lower precision (does its `tesseract_api.py` enable "
@@ -402,7 +406,9 @@ def _admits_batch_axis(call: "Call") -> bool:
 
 
 def _stacked(arrays, batched, k: int) -> list[np.ndarray]:
-    return [a if b else np.broadcast_to(a, (k, *a.shape)) for a, b in zip(arrays, batched)]
+    return [
+        a if b else np.broadcast_to(a, (k, *a.shape)) for a, b in zip(arrays, batched)
+    ]
 
 
 def run_apply(arrays, *, result_avals, call: "Call", batched) -> list[np.ndarray]:
@@ -461,7 +467,10 @@ def _run_linear(kind, arrays, result_avals, call: "Call", batched, src_idx, dst_
         lin = {s: a[None] for s, a in zip(src, full[n:])}
         batch_shapes = {d: (k, *shapes[d]) for d in dst}
         out = _linear_batch(call, kind, full[:n], src, dst, lin, 1, batch_shapes)
-        return [_check(call, d, out[d][0], np.dtype(a.dtype)) for d, a in zip(dst, result_avals)]
+        return [
+            _check(call, d, out[d][0], np.dtype(a.dtype))
+            for d, a in zip(dst, result_avals)
+        ]
     k, groups = _groups(arrays, batched, n)
     outs = [np.empty(a.shape, a.dtype) for a in result_avals]
     for idx, point in groups:

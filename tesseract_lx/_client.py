@@ -31,7 +31,7 @@ from ._errors import (
     TesseractServerError,
     TesseractValidationError,
 )
-from ._schema import Schema, parse_openapi
+from ._schema import parse_openapi, Schema
 
 
 def _format_422(body: Any) -> str:
@@ -204,8 +204,8 @@ class Latencies:
 
     A request of K (co)tangents is modelled as `a + b K`: from samples at one K the
     median stands; from several K, a least-squares line. The first sample of each
-    (endpoint, size, K) is dropped once a second arrives: it carries the server's
-    compilation.
+    (endpoint, size, K) carries the server's compilation: it counts for nothing, and
+    is dropped when a second arrives.
     """
 
     def __init__(self):
@@ -218,7 +218,9 @@ class Latencies:
         return bool(self._samples)
 
     def record(self, endpoint: str, size: int, k: int, seconds: float) -> None:
-        samples = self._samples.setdefault((endpoint, size), collections.deque(maxlen=12))
+        samples = self._samples.setdefault(
+            (endpoint, size), collections.deque(maxlen=12)
+        )
         same = [s for s in samples if s[0] == k]
         if len(same) == 1 and same[0][2]:
             samples.remove(same[0])
@@ -226,14 +228,18 @@ class Latencies:
 
     def get(self, endpoint: str, size: int, k: int = 1) -> float | None:
         """Expected seconds for one request of `k` items, or `None` if unmeasured."""
-        samples = self._samples.get((endpoint, size))
+        samples = [
+            (kk, t)
+            for kk, t, cold in self._samples.get((endpoint, size), ())
+            if not cold
+        ]
         if not samples:
             return None
-        same = sorted(t for kk, t, _ in samples if kk == k)
+        same = sorted(t for kk, t in samples if kk == k)
         if same:
             return same[len(same) // 2]
-        ks = np.array([kk for kk, _, _ in samples], float)
-        ts = np.array([t for _, t, _ in samples], float)
+        ks = np.array([kk for kk, _ in samples], float)
+        ts = np.array([t for _, t in samples], float)
         if len(set(ks)) < 2:
             # One batch size seen: scale its per-item part, keep its fixed part.
             t0, k0 = float(np.median(ts)), ks[0]

@@ -54,8 +54,10 @@ def _map(fn: Callable[[Any], Any], tree: Any, is_leaf: Callable[[Any], bool]) ->
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, np.ndarray | np.generic) or hasattr(x, "__jax_array__") or (
-        type(x).__module__.startswith("jax") and hasattr(x, "shape")
+    return (
+        isinstance(x, np.ndarray | np.generic)
+        or hasattr(x, "__jax_array__")
+        or (type(x).__module__.startswith("jax") and hasattr(x, "shape"))
     )
 
 

@@ -34,9 +34,7 @@ def _list(paths) -> str:
 def _check_array(leaf: Leaf, x: Any) -> jax.Array:
     """`x` as an array of `leaf`'s dtype and shape, or a clear error."""
     if not _is_array_like(x) or isinstance(x, str):
-        raise TypeError(
-            f"`{leaf.path}` must be an array, got {type(x).__name__}."
-        )
+        raise TypeError(f"`{leaf.path}` must be an array, got {type(x).__name__}.")
     x = jnp.asarray(x)
     if leaf.dtype is not None:
         want = np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(leaf.dtype)))
@@ -106,7 +104,8 @@ class TesseractModule(eqx.Module):
         ```python
         f = tlx.TesseractModule(client)
         out = f({"u": u, "k": 1.0, "f": f0})
-        g = jax.grad(lambda u: jnp.sum(f({"u": u, "k": 1.0, "f": f0})["residual"]**2))(u)
+        loss = lambda u: jnp.sum(f({"u": u, "k": 1.0, "f": f0})["residual"] ** 2)
+        g = jax.grad(loss)(u)
         ```
     """
 

@@ -152,9 +152,7 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
         rules = available(call, kind) or available(call, other)
         rule = next((r for r in ("batched", "jacobian") if r in rules), call.batching)
         op = _replace(self, module=TesseractModule(self.module.client, rule))
-        zeros = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype), self.in_structure()
-        )
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.in_structure())
         flat, unravel = jfu.ravel_pytree(zeros)
         basis = jax.vmap(unravel)(jnp.eye(flat.size, dtype=flat.dtype))
         columns = jax.vmap(op._jvp_or_vjp)(basis)
@@ -276,10 +274,12 @@ def _(operator):
 
 @lx.materialise.register(AbstractTesseractOperator)
 def _(operator):
-    return lx.MatrixLinearOperator(operator.as_matrix(), operator.tags) if (
-        _is_flat(operator)
-    ) else lx.PyTreeLinearOperator(
-        _matrix_pytree(operator), operator.out_structure(), operator.tags
+    return (
+        lx.MatrixLinearOperator(operator.as_matrix(), operator.tags)
+        if (_is_flat(operator))
+        else lx.PyTreeLinearOperator(
+            _matrix_pytree(operator), operator.out_structure(), operator.tags
+        )
     )
 
 

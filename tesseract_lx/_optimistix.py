@@ -81,7 +81,8 @@ def residual_fn(
 
         ```python
         fn = tlx.residual_fn(f, wrt="u", of="residual")
-        sol = optx.root_find(fn, optx.Newton(rtol=1e-8, atol=1e-8), u0, {"k": k, "f": f0})
+        solver = optx.Newton(rtol=1e-8, atol=1e-8)
+        sol = optx.root_find(fn, solver, u0, {"k": k, "f": f0})
         ```
 
     With `optx.Newton` and its default LU solver a step costs 2 requests: one

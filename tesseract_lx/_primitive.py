@@ -242,9 +242,7 @@ def _transpose(kind: str, cts, *args, call, batched, **params):
             vjp_out=tuple(sel_out[m] for m in live),
         )
     else:
-        out_avals = tuple(
-            _strip(lin_args[m].aval, batched[n + m]) for m in undefined
-        )
+        out_avals = tuple(_strip(lin_args[m].aval, batched[n + m]) for m in undefined)
         outs = jvp_p.bind(
             *primals,
             *cts_live,
@@ -275,11 +273,15 @@ def _batch_rule(prim, args, dims, *, batched, **params):
     k_new = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     # The size of the axis folded in by an inner vmap: the operand's logical axis 0,
     # which is physical axis 1 when this vmap's axis sits in front of it.
-    k_old = next(
-        (a.shape[1] if d == 0 else a.shape[0])
-        for a, d, old in zip(args, dims, batched)
-        if old
-    ) if any(batched) else None
+    k_old = (
+        next(
+            (a.shape[1] if d == 0 else a.shape[0])
+            for a, d, old in zip(args, dims, batched)
+            if old
+        )
+        if any(batched)
+        else None
+    )
     new_args = []
     flags = []
     for a, d, old in zip(args, dims, batched):
