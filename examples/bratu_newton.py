@@ -16,7 +16,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optimistix as optx
-
 import tesseract_lx as tlx
 
 
@@ -91,7 +90,9 @@ def main() -> None:
     parser.add_argument("--rtol", type=float, default=1e-10)
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument(
-        "--server", default="tesseract-lx", choices=["tesseract-lx", "tesseract-runtime"]
+        "--server",
+        default="tesseract-lx",
+        choices=["tesseract-lx", "tesseract-runtime"],
     )
     parser.add_argument("--png", type=Path, default=Path("bratu_newton.png"))
     opts = parser.parse_args()

@@ -138,7 +138,7 @@ class _InProcessTransport:
         from tesseract_core.runtime.core import load_module_from_path
         from tesseract_core.runtime.serve import create_rest_api
 
-        from ._endpoints import create_endpoints
+        from ._endpoints import create_endpoints, lx_info
 
         if not isinstance(api, ModuleType):
             path = Path(api).resolve()
@@ -147,10 +147,10 @@ class _InProcessTransport:
             api = load_module_from_path(path)
         self.url = f"in-process:{getattr(api, '__file__', api.__name__)}"
         self._validation_error = pydantic.ValidationError
-        self._endpoints: dict[str, Callable] = {
-            fn.__name__: fn for fn in create_endpoints(api, cache=cache)
-        }
+        endpoints = create_endpoints(api, cache=cache)
+        self._endpoints: dict[str, Callable] = {fn.__name__: fn for fn in endpoints}
         self._openapi = create_rest_api(api).openapi()
+        self._openapi["x-tesseract-lx"] = lx_info(endpoints)
         paths = self._openapi.setdefault("paths", {})
         for name in self._endpoints:
             paths.setdefault(f"/{name}", {})

@@ -1,0 +1,146 @@
+"""Real servers for the example Tesseracts, started once per session, and clients.
+
+Every test asserts exact request counts, so the `client` fixture hands out a client
+whose `stats` (and the caches that decide whether a request is sent: learned output
+shapes, measured latencies, `auto`'s decisions) start empty. Servers are never
+restarted: startup costs seconds.
+"""
+
+import atexit
+import concurrent.futures
+import importlib.util
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+
+
+# Before anything builds an array: the tests compare against float64 references.
+jax.config.update("jax_enable_x64", True)
+
+# tesseract-core writes `run_<id>/` folders under `TESSERACT_OUTPUT_PATH` (default: the
+# working directory); keep anything the in-process runtime might write out of the repo.
+_OUTPUTS = tempfile.mkdtemp(prefix="tesseract_lx_tests_")
+os.environ.setdefault("TESSERACT_OUTPUT_PATH", _OUTPUTS)
+atexit.register(shutil.rmtree, _OUTPUTS, True)
+
+import pytest  # noqa: E402
+import tesseract_lx as tlx  # noqa: E402
+
+from helpers import ALL_CASES, SERVERS  # noqa: E402
+
+
+HAVE_TLX_SERVER = importlib.util.find_spec("tesseract_lx._cli") is not None
+HAVE_ENDPOINTS = importlib.util.find_spec("tesseract_lx._endpoints") is not None
+NO_TLX_SERVER = "tesseract_lx._cli (the tesseract-lx server) does not exist yet"
+NO_ENDPOINTS = "tesseract_lx._endpoints (needed by Client.from_api) does not exist yet"
+
+
+def fresh(client: tlx.Client) -> tlx.Client:
+    """Forget everything a previous test taught `client` (not its schema)."""
+    client.stats.clear()
+    client.output_shapes.clear()
+    client.latency.clear()
+    client.decisions.clear()
+    return client
+
+
+class Servers:
+    """Clients of served (or in-process) Tesseracts, each started once.
+
+    `start` launches several servers at once (startup is mostly importing JAX, so
+    they overlap well); `get` starts any other on first use.
+    """
+
+    def __init__(self):
+        self._clients: dict[tuple[str, str, int], tlx.Client] = {}
+        self._failed: dict[tuple[str, str, int], BaseException] = {}
+        self._exits: list = []
+        self._lock = threading.RLock()
+
+    def start(self, keys) -> None:
+        keys = [k for k in keys if k not in self._clients and k[1] in SERVERS]
+        with concurrent.futures.ThreadPoolExecutor(max(len(keys), 1)) as pool:
+            futures = {k: pool.submit(self._serve, *k) for k in keys}
+        for key, future in futures.items():
+            try:
+                self._clients[key] = future.result()
+            except Exception as e:  # noqa: BLE001 - re-raised by the tests needing it
+                self._failed[key] = e
+
+    def get(self, path: str | Path, transport: str, workers: int = 1) -> tlx.Client:
+        key = (str(path), transport, workers)
+        if transport == "inprocess" and not HAVE_ENDPOINTS:
+            pytest.skip(NO_ENDPOINTS)
+        if transport == "tlx" and not HAVE_TLX_SERVER:
+            pytest.skip(NO_TLX_SERVER)
+        with self._lock:
+            if key in self._failed:
+                raise self._failed[key]
+            if key not in self._clients:
+                if transport == "inprocess":
+                    self._clients[key] = tlx.Client.from_api(path)
+                else:
+                    self._clients[key] = self._serve(*key)
+            return self._clients[key]
+
+    def _serve(self, path: str, transport: str, workers: int) -> tlx.Client:
+        cm = tlx.serve(path, server=SERVERS[transport], workers=workers)
+        client = cm.__enter__()
+        with self._lock:
+            self._exits.append(cm)
+        return client
+
+    def close(self) -> None:
+        with concurrent.futures.ThreadPoolExecutor(max(len(self._exits), 1)) as pool:
+            list(pool.map(lambda cm: cm.__exit__(None, None, None), self._exits))
+        self._exits.clear()
+
+
+# The servers the collected tests will ask for: started together, in parallel.
+_NEEDED: set[tuple[str, str, int]] = set()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        transport, tesseract = params.get("transport"), params.get("tesseract")
+        if transport in SERVERS and tesseract in ALL_CASES:
+            if transport == "tlx" and not HAVE_TLX_SERVER:
+                continue
+            _NEEDED.add((str(ALL_CASES[tesseract].path), transport, 1))
+        if "stock2" in getattr(item, "fixturenames", ()):
+            _NEEDED.add((str(ALL_CASES["bratu"].path), "stock", 2))
+
+
+@pytest.fixture(scope="session")
+def served():
+    servers = Servers()
+    try:
+        servers.start(sorted(_NEEDED))
+        yield servers
+    finally:
+        servers.close()
+
+
+@pytest.fixture
+def client(served, tesseract, transport):
+    """A client of `tesseract` (a key of `helpers.ALL_CASES`) over `transport`.
+
+    Tests parametrise `tesseract` and `transport`; the client's `stats` start at zero.
+    """
+    return fresh(served.get(ALL_CASES[tesseract].path, transport))
+
+
+@pytest.fixture
+def case(tesseract):
+    return ALL_CASES[tesseract]
+
+
+@pytest.fixture
+def stock2(served):
+    """The bratu example on a stock server with 2 workers."""
+    return fresh(served.get(ALL_CASES["bratu"].path, "stock", workers=2))

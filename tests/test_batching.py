@@ -1,0 +1,278 @@
+"""K (co)tangents under `jax.vmap`: every strategy, every transport, exact requests.
+
+K tangents cost K requests (`sequential`, `concurrent`), one `/jacobian`
+(`jacobian`) or one batched request (`batched`); `auto` picks from a cost model and
+records why in `client.decisions`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tesseract_lx as tlx
+
+from helpers import (
+    BATCHED,
+    CASES,
+    gradient_stats,
+    has_batched,
+    JVP,
+    linear_counts,
+    size,
+    STRATEGIES,
+    TRANSPORTS,
+    tree_allclose,
+    VJP,
+)
+from references import bratu_inputs
+
+
+KINDS = (JVP, VJP)
+
+
+def _stack(tree, k: int, seed: int = 0):
+    """K random trees shaped like `tree`, stacked on a leading axis."""
+    rng = np.random.RandomState(seed)
+    return jax.tree.map(
+        lambda x: jnp.asarray(rng.standard_normal((k, *np.shape(x)))), tree
+    )
+
+
+def _vmapped(kind: str, fn, primal, batch, in_axes=0, out_axes=0):
+    """`jax.vmap` of a JVP over tangents, or of a VJP over cotangents."""
+    if kind == JVP:
+        jvp = lambda t: jax.jvp(fn, (primal,), (t,))[1]
+        return jax.vmap(jvp, in_axes=in_axes, out_axes=out_axes)(batch)
+    _, vjp = jax.vjp(fn, primal)
+    return jax.vmap(lambda c: vjp(c)[0], in_axes=in_axes, out_axes=out_axes)(batch)
+
+
+def _batch_for(kind: str, case, inputs, k: int, seed: int = 0):
+    diff, _ = case.split(inputs)
+    like = diff if kind == JVP else case.fn(case.ref, inputs)(diff)
+    return diff, _stack(like, k, seed)
+
+
+def _rule(client: tlx.Client, strategy: str, transport: str) -> str:
+    """The rule that must have been used, checked against `auto`'s record."""
+    if strategy in ("sequential", "concurrent", "jacobian"):
+        assert not client.decisions
+        return strategy
+    if strategy == "batched" and has_batched(transport):
+        assert not client.decisions
+        return "batched"
+    # `auto`, or `batched` on a server without the batched endpoints: the cost model
+    # picks the cheapest rule the server has, and says so.
+    (decision,) = client.decisions
+    assert decision.chosen == min(decision.estimates, key=decision.estimates.get)
+    assert f"K={decision.k}" in decision.reason
+    if has_batched(transport):
+        assert decision.chosen == "batched"
+    else:
+        assert "batched" not in decision.estimates
+        assert decision.chosen == "jacobian"
+    return decision.chosen
+
+
+@pytest.mark.parametrize("tesseract", ["bratu", "pytree"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_strategy(client, case, kind, strategy, transport):
+    k = 3
+    f = tlx.TesseractModule(client, batching=strategy)
+    inputs = case.inputs()
+    diff, batch = _batch_for(kind, case, inputs, k)
+    out = _vmapped(kind, case.fn(f, inputs), diff, batch)
+    ref = _vmapped(kind, case.fn(case.ref, inputs), diff, batch)
+    assert tree_allclose(out, ref)
+    rule = _rule(client, strategy, transport)
+    assert client.stats == {"apply": 1, **linear_counts(rule, kind, k)}
+
+
+@pytest.mark.parametrize("tesseract", ["bratu"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_auto_single_tangent_is_one_plain_request(client, case, kind):
+    f = tlx.TesseractModule(client, batching="auto")
+    inputs = case.inputs()
+    diff, batch = _batch_for(kind, case, inputs, 1)
+    out = _vmapped(kind, case.fn(f, inputs), diff, batch)
+    assert tree_allclose(out, _vmapped(kind, case.fn(case.ref, inputs), diff, batch))
+    assert client.stats == {"apply": 1, kind: 1}
+
+
+@pytest.mark.parametrize("tesseract", ["bratu"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("transport", ["stock"])
+def test_auto_on_stock_server_picks_jacobian_for_k_near_input_size(client, case, kind):
+    f = tlx.TesseractModule(client, batching="auto")
+    inputs = case.inputs()
+    k = inputs["u"].size
+    u = inputs["u"]
+    g = lambda fn: lambda u: fn({**inputs, "u": u})["residual"]
+    batch = _stack(u, k)
+    out = _vmapped(kind, g(f), u, batch)
+    assert tree_allclose(out, _vmapped(kind, g(case.ref), u, batch))
+    (decision,) = client.decisions
+    assert decision.chosen == "jacobian" and decision.k == k
+    assert client.stats == {"apply": 1, "jacobian": 1}
+
+
+@pytest.mark.parametrize("tesseract", ["bratu"])
+@pytest.mark.parametrize("batching", ["batched", "auto"])
+@pytest.mark.parametrize("transport", ["tlx", "inprocess"])
+def test_k64_tangents_are_one_request(client, case, batching):
+    """The batching issue's done-criterion: 64 tangents, exactly one request."""
+    f = tlx.TesseractModule(client, batching=batching)
+    inputs = bratu_inputs(8)
+    u = inputs["u"]
+    g = lambda fn: lambda u: fn({**inputs, "u": u})["residual"]
+    f(inputs)  # learns the output shapes: no `/abstract_eval` under jit
+    client.stats.clear()
+    batch = _stack(u, 64)
+    # Under jit, the primal `/apply` nobody uses is dropped.
+    out = jax.jit(lambda b: _vmapped(JVP, g(f), u, b))(batch)
+    assert tree_allclose(out, _vmapped(JVP, g(case.ref), u, batch))
+    assert client.stats == {BATCHED[JVP]: 1}
+
+
+@pytest.mark.parametrize("tesseract", ["bratu", "pytree"])
+@pytest.mark.parametrize("transport", ["tlx", "inprocess"])
+def test_jacrev_is_one_vjp_family_request(client, case):
+    """`jax.jacrev` of an m-output Tesseract: one request, not m."""
+    f = tlx.TesseractModule(client, batching="auto")
+    inputs = case.inputs()
+    diff, _ = case.split(inputs)
+    jac = jax.jacrev(case.fn(f, inputs))(diff)
+    ref_fn = case.fn(case.ref, inputs)
+    assert tree_allclose(jac, jax.jacrev(ref_fn)(diff))
+    (decision,) = client.decisions
+    assert decision.k == size(ref_fn(diff))
+    # Both are one request; at K = m the cost model rates them nearly equal.
+    endpoint = {"batched": BATCHED[VJP], "jacobian": "jacobian"}[decision.chosen]
+    assert client.stats == {"apply": 1, endpoint: 1}
+
+
+#
+# vmap semantics
+#
+
+
+@pytest.mark.parametrize("tesseract", ["bratu"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_nested_vmap_over_tangents_folds_into_one_batch(client, case, kind, transport):
+    strategy = "batched" if has_batched(transport) else "jacobian"
+    f = tlx.TesseractModule(client, batching=strategy)
+    inputs = case.inputs()
+    u = inputs["u"]
+    g = lambda fn: lambda u: fn({**inputs, "u": u})["residual"]
+    batch = jnp.asarray(np.random.RandomState(0).standard_normal((2, 3, *u.shape)))
+
+    def nested(fn):
+        if kind == JVP:
+            one = lambda t: jax.jvp(g(fn), (u,), (t,))[1]
+        else:
+            _, vjp = jax.vjp(g(fn), u)
+            one = lambda c: vjp(c)[0]
+        return jax.vmap(jax.vmap(one))(batch)
+
+    out = nested(f)
+    assert out.shape == (2, 3, *u.shape)
+    assert tree_allclose(out, nested(case.ref))
+    assert client.stats == {"apply": 1, **linear_counts(strategy, kind, 1)}
+
+
+@pytest.mark.parametrize("tesseract", ["bratu"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_vmap_over_points_of_vmap_over_tangents(client, case, kind, transport):
+    """One tangent batch per primal point."""
+    strategy = "batched" if has_batched(transport) else "sequential"
+    f = tlx.TesseractModule(client, batching=strategy)
+    inputs = case.inputs()
+    u = inputs["u"]
+    points = jnp.stack([u, u + 0.1])
+    batch = jnp.asarray(np.random.RandomState(0).standard_normal((3, *u.shape)))
+
+    def per_point(fn):
+        g = lambda u: fn({**inputs, "u": u})["residual"]
+        return jax.vmap(lambda p: _vmapped(kind, g, p, batch))(points)
+
+    out = per_point(f)
+    assert out.shape == (2, 3, *u.shape)
+    assert tree_allclose(out, per_point(case.ref))
+    per_group = linear_counts(strategy, kind, 3)
+    expected = {"abstract_eval": 1, "apply": 2}
+    expected.update({e: 2 * n for e, n in per_group.items()})
+    assert client.stats == expected
+
+
+@pytest.mark.parametrize("tesseract", ["bratu"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_in_axes_and_out_axes(client, case, kind, transport):
+    strategy = "batched" if has_batched(transport) else "sequential"
+    f = tlx.TesseractModule(client, batching=strategy)
+    inputs = case.inputs()
+    u = inputs["u"]
+    g = lambda fn: lambda u: fn({**inputs, "u": u})["residual"]
+    # The batch on axis 1 in, axis 2 out.
+    batch = jnp.asarray(np.random.RandomState(0).standard_normal((4, 3, 4)))
+    out = _vmapped(kind, g(f), u, batch, in_axes=1, out_axes=2)
+    assert out.shape == (4, 4, 3)
+    assert tree_allclose(out, _vmapped(kind, g(case.ref), u, batch, 1, 2))
+    assert client.stats == {"apply": 1, **linear_counts(strategy, kind, 3)}
+
+
+@pytest.mark.parametrize("tesseract", ["bratu"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_outputs_independent_of_the_batched_input(client, case):
+    f = tlx.TesseractModule(client, batching="sequential")
+    inputs = case.inputs()
+    u = inputs["u"]
+    # Nothing batched reaches the Tesseract: one unbatched `/apply`, broadcast.
+    out = jax.vmap(lambda s: f(inputs)["residual"] + 0 * s)(jnp.arange(3.0))
+    assert out.shape == (3, *u.shape)
+    assert tree_allclose(out, jnp.broadcast_to(case.ref(inputs)["residual"], out.shape))
+    assert client.stats == {"apply": 1}
+
+    # The primal output of a vmapped JVP does not depend on the tangents.
+    client.stats.clear()
+    batch = jnp.asarray(np.random.RandomState(0).standard_normal((3, *u.shape)))
+    g = lambda fn: lambda u: fn({**inputs, "u": u})["residual"]
+    primal, tangents = jax.vmap(
+        lambda t: jax.jvp(g(f), (u,), (t,)), out_axes=(None, 0)
+    )(batch)
+    assert tree_allclose(primal, case.ref(inputs)["residual"])
+    ref_t = _vmapped(JVP, g(case.ref), u, batch)
+    assert tree_allclose(tangents, ref_t)
+    assert client.stats == {"apply": 1, JVP: 3}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_concurrent_on_two_workers(stock2, kind):
+    case = CASES["bratu"]
+    assert stock2.parallelism == 2
+    f = tlx.TesseractModule(stock2, batching="concurrent")
+    inputs = case.inputs()
+    diff, batch = _batch_for(kind, case, inputs, 4)
+    out = _vmapped(kind, case.fn(f, inputs), diff, batch)
+    assert tree_allclose(out, _vmapped(kind, case.fn(case.ref, inputs), diff, batch))
+    assert client_counts(stock2) == {kind: 4}
+    assert stock2.stats["apply"] == 1
+
+
+def test_concurrent_over_primal_points_on_two_workers(stock2):
+    case = CASES["bratu"]
+    f = tlx.TesseractModule(stock2, batching="concurrent")
+    inputs = case.inputs()
+    points = jnp.stack([inputs["u"] + 0.1 * j for j in range(4)])
+    call = lambda fn: jax.vmap(lambda u: fn({**inputs, "u": u})["residual"])(points)
+    assert tree_allclose(call(f), call(case.ref))
+    assert stock2.stats == {"abstract_eval": 1, "apply": 4}
+
+
+def client_counts(client: tlx.Client) -> dict[str, int]:
+    return gradient_stats(client.stats)
