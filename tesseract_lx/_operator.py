@@ -107,40 +107,29 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
         paths, structs = (self.wrt, ins) if self.transposed else (self.of, outs)
         return self._pack(paths, list(structs))
 
-    def _jvp(self, vector) -> PyTree:
+    def _derivative(self, vector) -> PyTree:
+        """`J @ vector` (one JVP request), or `J.T @ vector` (one VJP) if transposed."""
         call, operands, wrt, of = self._call()
         ins, outs = self._structure
-        tangents = self._unpack(self.wrt, vector, ins)
-        results = jvp_p.bind(
+        if self.transposed:
+            src, dst, structs, prim = self.of, self.wrt, outs, vjp_p
+            params = dict(vjp_in=wrt, vjp_out=of)
+        else:
+            src, dst, structs, prim = self.wrt, self.of, ins, jvp_p
+            out_avals = tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in outs)
+            params = dict(jvp_in=wrt, jvp_out=of, out_avals=out_avals)
+        lin = self._unpack(src, vector, structs)
+        results = prim.bind(
             *operands,
-            *tangents,
+            *lin,
             call=call,
-            batched=(False,) * (len(operands) + len(tangents)),
-            jvp_in=wrt,
-            jvp_out=of,
-            out_avals=tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in outs),
+            batched=(False,) * (len(operands) + len(lin)),
+            **params,
         )
-        return self._pack(self.of, results)
-
-    def _vjp(self, vector) -> PyTree:
-        call, operands, wrt, of = self._call()
-        ins, outs = self._structure
-        cts = self._unpack(self.of, vector, outs)
-        results = vjp_p.bind(
-            *operands,
-            *cts,
-            call=call,
-            batched=(False,) * (len(operands) + len(cts)),
-            vjp_in=wrt,
-            vjp_out=of,
-        )
-        return self._pack(self.wrt, results)
+        return self._pack(dst, results)
 
     def mv(self, vector):
-        return self._vjp(vector) if self.transposed else self._forward(vector)
-
-    def _forward(self, vector):
-        return self._jvp(vector)
+        return self._derivative(vector)
 
     def as_matrix(self) -> Float[Array, "m n"]:
         """The matrix, in one request (`batched` JVP/VJP of the identity, else
@@ -155,12 +144,9 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.in_structure())
         flat, unravel = jfu.ravel_pytree(zeros)
         basis = jax.vmap(unravel)(jnp.eye(flat.size, dtype=flat.dtype))
-        columns = jax.vmap(op._jvp_or_vjp)(basis)
+        columns = jax.vmap(op._derivative)(basis)
         rows = jax.vmap(lambda c: jfu.ravel_pytree(c)[0])(columns)
         return rows.T
-
-    def _jvp_or_vjp(self, vector):
-        return self._vjp(vector) if self.transposed else self._jvp(vector)
 
 
 def _structure(module: TesseractModule, inputs: dict, wrt, of) -> tuple:
@@ -257,7 +243,9 @@ class TesseractLinearOperator(AbstractTesseractOperator):
     __init__ = TesseractJacobianOperator.__init__
     transpose = TesseractJacobianOperator.transpose
 
-    def _forward(self, vector):
+    def mv(self, vector):
+        if self.transposed:
+            return self._derivative(vector)
         call, operands, wrt, of = self._call()
         ins, _ = self._structure
         xs = self._unpack(self.wrt, vector, ins)
