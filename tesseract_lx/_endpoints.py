@@ -47,6 +47,7 @@ from ._linearise import (
     LinearisationCache,
     primal_digest,
 )
+from ._schema import BATCHED_ENDPOINTS
 
 
 try:
@@ -54,7 +55,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # a source checkout, not installed
     __version__ = "0.1.0"
 
-BATCHED = ("batched_jacobian_vector_product", "batched_vector_jacobian_product")
+BATCHED = BATCHED_ENDPOINTS
 
 
 class LxState:

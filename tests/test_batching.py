@@ -276,3 +276,27 @@ def test_concurrent_over_primal_points_on_two_workers(stock2):
 
 def client_counts(client: tlx.Client) -> dict[str, int]:
     return gradient_stats(client.stats)
+
+
+def _cache_requests(client: tlx.Client) -> int:
+    cache = client.health()["tesseract_lx"]["linearisation_cache"]
+    return cache.get("hits", 0) + cache.get("misses", 0)
+
+
+def test_concurrent_over_a_pool_of_urls(served):
+    """`Client([url1, url2])` spreads concurrent requests over both replicas."""
+    case = CASES["bratu"]
+    lx_server = served.get(case.path, "tlx")
+    stock = served.get(case.path, "stock")
+    pool = tlx.Client([*lx_server.urls, *stock.urls], workers=1)
+    assert pool.parallelism == 2
+    f = tlx.TesseractModule(pool, batching="concurrent")
+    inputs = case.inputs()
+    diff, batch = _batch_for(JVP, case, inputs, 4)
+    before = _cache_requests(lx_server)
+    out = _vmapped(JVP, case.fn(f, inputs), diff, batch)
+    assert tree_allclose(out, _vmapped(JVP, case.fn(case.ref, inputs), diff, batch))
+    assert client_counts(pool) == {JVP: 4}
+    # Round robin: the apply went to one replica, the 4 JVPs two to each.
+    assert _cache_requests(lx_server) - before == 2
+    pool.close()
