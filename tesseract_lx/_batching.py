@@ -388,15 +388,6 @@ def _groups(arrays, batched, n: int):
     return k, list(groups.values())
 
 
-def _lin_rows(arrays, batched, n, idx, k):
-    """The (co)tangent operands of batch members `idx`, each `(len(idx), ...)`."""
-    rows = []
-    for a, b in zip(arrays[n:], batched[n:]):
-        a = a[idx] if b else np.broadcast_to(a, (len(idx), *a.shape))
-        rows.append(a)
-    return rows
-
-
 def _admits_batch_axis(call: "Call") -> bool:
     """Whether every array of the schema takes any rank (`Array[..., dtype]`): then
     a leading batch axis passes through the Tesseract as it is."""
@@ -474,7 +465,7 @@ def _run_linear(kind, arrays, result_avals, call: "Call", batched, src_idx, dst_
     k, groups = _groups(arrays, batched, n)
     outs = [np.empty(a.shape, a.dtype) for a in result_avals]
     for idx, point in groups:
-        rows = _lin_rows(arrays, batched, n, idx, k)
+        rows = [a[idx] for a in _stacked(arrays[n:], batched[n:], k)]
         lin = dict(zip(src, rows))
         out = _linear_batch(call, kind, point, src, dst, lin, len(idx), shapes)
         for o, d in zip(outs, dst):
