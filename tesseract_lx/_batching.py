@@ -87,18 +87,37 @@ def _expected_dtype(call: "Call", path: str, outputs: bool = True) -> np.dtype |
     return np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(leaf.dtype)))
 
 
+def _computed_in_float32(x: np.ndarray) -> bool:
+    """Whether float64 values carry float32 precision only.
+
+    tesseract-core casts a Tesseract's float32 results to the float64 its schema
+    declares, so the dtype alone does not tell (a JAX Tesseract without
+    `jax_enable_x64` does this). Every value then fits in float32's 24-bit mantissa,
+    while results computed in float64 almost never do; exactly representable values
+    such as `0.5` or `3.0` are not counted as evidence.
+    """
+    if x.dtype != np.float64 or x.size < 4:
+        return False
+    values = x[np.isfinite(x) & (x != 0)].ravel()
+    if not np.array_equal(values, values.astype(np.float32).astype(np.float64)):
+        return False
+    # Mantissas as 53-bit integers: more than 16 significant bits is evidence.
+    mantissa = np.frexp(values)[0] * 2.0**53
+    significant = np.sum(np.mod(mantissa, 2.0**37) != 0)
+    return bool(significant >= max(3, values.size // 4))
+
+
 def _check(call: "Call", path: str, x: Any, dtype: np.dtype | None) -> np.ndarray:
     """The server's answer for `path`, in `dtype`, refusing a silent precision loss."""
     x = np.asarray(x)
     if dtype is None:
         return x
-    if (
-        x.dtype.kind in "fc"
-        and dtype.kind in "fc"
-        and x.dtype.itemsize < dtype.itemsize
-    ):
+    lower = x.dtype.kind in "fc" and dtype.kind in "fc"
+    lower = lower and x.dtype.itemsize < dtype.itemsize
+    if lower or (dtype == np.float64 and _computed_in_float32(x)):
+        got = x.dtype if lower else "float32 precision (sent as float64)"
         msg = (
-            f"The Tesseract answered `{path}` in {x.dtype} but {dtype} was asked for: "
+            f"The Tesseract answered `{path}` in {got} but {dtype} was asked for: "
             "it computes in lower precision (does its `tesseract_api.py` enable "
             "`jax_enable_x64`?)."
         )

@@ -1,5 +1,7 @@
 """Clear errors: bad input fails before any request; server failures carry details."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -218,3 +220,24 @@ def test_health_of_a_served_tesseract(served):
     client = served.get(CASES["bratu"].path, "stock")
     assert client.health()
     assert requests.get(f"{client.urls[0]}/health", timeout=5).status_code == 200
+
+
+FLOAT32 = Path(__file__).parent / "tesseracts" / "float32_compute" / "tesseract_api.py"
+
+
+@pytest.fixture(scope="module")
+def float32_server():
+    with tlx.serve(FLOAT32, server="tesseract-runtime") as client:
+        yield client
+
+
+def test_float32_precision_from_a_float64_schema_raises(float32_server):
+    f = tlx.TesseractModule(float32_server)
+    x = jnp.linspace(0.1, 2.0, 8)
+    with pytest.raises(tlx.TesseractDtypeError, match="float32 precision"):
+        f({"x": x})
+    loose = tlx.TesseractModule(float32_server, strict_dtype=False)
+    with pytest.warns(UserWarning, match="jax_enable_x64"):
+        y = loose({"x": x})["y"]
+    assert y.dtype == jnp.float64
+    assert jnp.allclose(y, jnp.sin(x), rtol=1e-6)

@@ -441,3 +441,23 @@ def test_float32(client, case, tmp_path):
     gref = grad(inputs["u"])
     gscale = np.max(np.abs(gref))
     np.testing.assert_allclose(res["g"], gref, rtol=1e-5, atol=1e-5 * gscale)
+
+
+def test_tesseract_core_objects_are_accepted(served):
+    """A `tesseract_core.Tesseract` (from_url, from_tesseract_api) works as a client."""
+    from tesseract_core import Tesseract
+
+    case = CASES["bratu"]
+    stock = served.get(case.path, "stock")
+    inputs = case.inputs()
+    for tesseract in (
+        Tesseract.from_url(stock.urls[0]),
+        Tesseract.from_tesseract_api(case.path),
+    ):
+        f = tlx.TesseractModule(tesseract)
+        assert tree_allclose(f(inputs), case.ref(inputs))
+        grad = jax.grad(case.loss(f, inputs))(case.split(inputs)[0])
+        assert tree_allclose(
+            grad, jax.grad(case.loss(case.ref, inputs))(case.split(inputs)[0])
+        )
+        assert f.client.stats == {"apply": 1 + 1, "vector_jacobian_product": 1}
