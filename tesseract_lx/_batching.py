@@ -93,12 +93,13 @@ def _computed_in_float32(x: np.ndarray) -> bool:
     tesseract-core casts a Tesseract's float32 results to the float64 its schema
     declares, so the dtype alone does not tell (a JAX Tesseract without
     `jax_enable_x64` does this). Every value then fits in float32's 24-bit mantissa,
-    while results computed in float64 almost never do; exactly representable values
-    such as `0.5` or `3.0` are not counted as evidence.
+    while results computed in float64 almost never do. Not evidence: exactly
+    representable values such as `0.5` or `3.0`, and values below `1e-6`, which in
+    float64 are often the few-bit remains of a cancellation (a residual near a root).
     """
     if x.dtype != np.float64 or x.size < 4:
         return False
-    values = x[np.isfinite(x) & (x != 0)].ravel()
+    values = x[np.isfinite(x) & (np.abs(x) >= 1e-6)].ravel()
     if not np.array_equal(values, values.astype(np.float32).astype(np.float64)):
         return False
     # Mantissas as 53-bit integers: more than 16 significant bits is evidence.
@@ -301,9 +302,6 @@ def choose(call: "Call", kind: str, k: int, n_in: int, n_out: int, size: int) ->
     # falls back to the cheapest one it can.
     if call.batching != "auto" and call.batching in available(call, kind):
         return call.batching
-    if k == 1 and kind in call.client.schema.endpoints:
-        # One tangent never fetches the whole Jacobian (n_in * n_out numbers).
-        return "sequential"
     costs = estimate_costs(call, kind, k, n_in, n_out, size)
     chosen = min(costs, key=costs.__getitem__)
     ranked = ", ".join(f"{r}={c * 1e3:.2f} ms" for r, c in sorted(costs.items()))

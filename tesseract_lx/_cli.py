@@ -9,8 +9,12 @@ Configuration reaches the worker processes through environment variables (see
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
+
+import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,16 +58,43 @@ def main(argv: list[str] | None = None) -> None:
     if output_path:
         Path(output_path).mkdir(parents=True, exist_ok=True)
 
-    import uvicorn
+    _run(args.host, args.port, args.workers)
 
-    uvicorn.run(
+
+class _NoDelayConfig(uvicorn.Config):
+    """uvicorn's configuration, with Nagle's algorithm off on the shared socket.
+
+    With `workers > 1` uvicorn binds one socket for all workers, created without
+    `IPPROTO_TCP`, so asyncio does not set `TCP_NODELAY` on the connections it
+    accepts: every response then waits ~40 ms for the client's delayed ACK (measured:
+    48 ms per request against 4 ms with one worker, on tesseract-runtime too). Set
+    on the listening socket, Linux hands the option down to accepted connections.
+    """
+
+    def bind_socket(self) -> socket.socket:
+        sock = super().bind_socket()
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+
+def _run(host: str, port: int, workers: int) -> None:
+    """`uvicorn.run`, on `_NoDelayConfig`."""
+    config = _NoDelayConfig(
         "tesseract_lx._app:app",
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
+        host=host,
+        port=port,
+        workers=workers,
         # As tesseract-runtime: requests are long, reconnecting is not free.
         timeout_keep_alive=60,
     )
+    try:
+        if config.workers > 1:
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        else:
+            uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":
