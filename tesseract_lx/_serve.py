@@ -93,6 +93,13 @@ def serve(
     cmd = _command(server, path, host, port, workers, cache)
     tmp = Path(tempfile.mkdtemp(prefix="tesseract_lx_"))
     env = dict(os.environ)
+    # The child starts in the Tesseract's folder: relative entries of PYTHONPATH
+    # would point elsewhere, and this package must be importable there.
+    package_root = str(Path(__file__).resolve().parents[1])
+    paths = [
+        str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p
+    ]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([package_root, *paths]))
     env.update(
         TESSERACT_API_PATH=str(path),
         TESSERACT_OUTPUT_PATH=str(tmp / "outputs"),
