@@ -37,7 +37,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
-import numpy as np
 import optimistix as optx
 import tesseract_lx as tlx
 
@@ -199,17 +198,13 @@ def root_rows(client, server, n_side, names, repeats=1):
 
         @eqx.filter_jit
         def solve(u0, args, solver=solver):
-            sol = optx.root_find(
-                fn, solver, u0, args, throw=False, max_steps=MAX_STEPS
-            )
+            sol = optx.root_find(fn, solver, u0, args, throw=False, max_steps=MAX_STEPS)
             return sol.value, sol.result, sol.stats["num_steps"]
 
         u0, args = jnp.zeros((n_side, n_side)), bratu_args(n_side)
         out, elapsed, sent, first = timed(client, solve, u0, args, repeats=repeats)
         ref = optx.root_find(bratu_fn, solver, u0, args, max_steps=MAX_STEPS)
-        rows.append(
-            row("root", name, server, n_side, out, elapsed, sent, first, ref)
-        )
+        rows.append(row("root", name, server, n_side, out, elapsed, sent, first, ref))
     return rows
 
 
@@ -255,9 +250,7 @@ def bfgs_row(client, server, n_side):
 
 def root_loss(k, fn, n: int):
     args = {"k": k, "f": jnp.ones((n, n))}
-    sol = optx.root_find(
-        fn, optx.Newton(rtol=TOL, atol=TOL), jnp.zeros((n, n)), args
-    )
+    sol = optx.root_find(fn, optx.Newton(rtol=TOL, atol=TOL), jnp.zeros((n, n)), args)
     return jnp.mean(sol.value**2)
 
 
@@ -392,7 +385,7 @@ def main() -> None:
         f"{versions()}. Each solve `eqx.filter_jit`-ed, timed on the second call "
         "(the first compiles client and server; the one `/abstract_eval` of tracing "
         "falls there too); requests are those of the timed call. "
-        "`TesseractModule(client)` with `batching=\"auto\"`. rtol = atol = 1e-8 "
+        '`TesseractModule(client)` with `batching="auto"`. rtol = atol = 1e-8 '
         "(solvers and GMRES). Steps: optimistix's `num_steps`; in brackets the same "
         "solver's on the pure-JAX reference. Requests / step counts all requests "
         "(a least-squares or Chord run includes accepted and rejected steps alike)."

@@ -102,9 +102,13 @@ def problem(name: str, n_side: int):
     """(inputs, wrt, of, tags, reference function of wrt)."""
     if name == "bratu":
         inputs = bratu_inputs(n_side)
-        return inputs, "u", "residual", (), lambda u: bratu_ref({**inputs, "u": u})[
-            "residual"
-        ]
+        return (
+            inputs,
+            "u",
+            "residual",
+            (),
+            lambda u: bratu_ref({**inputs, "u": u})["residual"],
+        )
     inputs = poisson_inputs(n_side)
     return inputs, "x", "y", SPD, lambda x: poisson_ref({**inputs, "x": x})["y"]
 
@@ -230,11 +234,11 @@ def main() -> None:
         "jitted; the first call compiles client and server and is not timed; then "
         "timed once, or best of 3 when the first call took under 1 s (direct "
         "solvers, CG); requests are those of one timed call. `TesseractModule(client)` with "
-        "`batching=\"auto\"`. Iterative solvers rtol = atol = 1e-8. Error: "
+        '`batching="auto"`. Iterative solvers rtol = atol = 1e-8. Error: '
         "`|x - x_ref| / |x_ref|`, `x_ref = jnp.linalg.solve` of the dense Jacobian "
         "of the pure-JAX reference. bratu: `TesseractJacobianOperator(f, inputs, "
-        "\"u\", \"residual\")` (non-symmetric); poisson: `TesseractJacobianOperator("
-        "f, inputs, \"x\", \"y\", tags=(symmetric, positive_semidefinite))` (with the "
+        '"u", "residual")` (non-symmetric); poisson: `TesseractJacobianOperator('
+        'f, inputs, "x", "y", tags=(symmetric, positive_semidefinite))` (with the '
         "symmetric tag `.T` is the operator itself, so LSMR/Normal send JVPs only). "
         "Iterations: lineax's `num_steps` (GMRES counts restarts, not mat-vecs)."
     )
