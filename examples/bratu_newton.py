@@ -41,8 +41,13 @@ def newton(client: tlx.Client, n: int, lam: float, rtol: float, max_steps: int):
     terminate = eqx.filter_jit(
         lambda y, state: solver.terminate(fn_aux, y, args, {}, state, tags)
     )
+    head = f"{'step':>4} {'|r(u)|':>12} {'requests':>9}"
+    print(head + "  by endpoint (|r| as the step starts)")
+    # The initial residual, eagerly: its `/apply` also tells the output shapes, so
+    # tracing the Newton step below needs no `/abstract_eval`.
+    r0 = float(jnp.linalg.norm(fn(y, args)))
+    print(f"{0:>4} {r0:12.3e} {sum(client.stats.values()):>9}  {dict(client.stats)}")
     history = []
-    print(f"{'step':>4} {'|r(u)|':>12} {'requests':>9}  by endpoint")
     for i in range(max_steps):
         before = client.stats.copy()
         start = time.perf_counter()
