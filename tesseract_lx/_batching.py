@@ -304,11 +304,12 @@ def choose(call: "Call", kind: str, k: int, n_in: int, n_out: int, size: int) ->
         return call.batching
     costs = estimate_costs(call, kind, k, n_in, n_out, size)
     if k == 1 and kind in call.client.schema.endpoints:
-        # One tangent: the plain endpoint, unless the whole Jacobian is measurably
-        # cheaper by far (a server where JVPs are slow): a flip on timing noise would
-        # surprise. A batch of one is never better.
+        # One tangent: the plain endpoint, unless the whole Jacobian is measured to
+        # be cheaper by far than a measured JVP (a server where JVPs are slow): a
+        # flip on timing noise would surprise. A batch of one is never better.
         costs = {r: c for r, c in costs.items() if r in ("sequential", "jacobian")}
-        if costs.get("jacobian", np.inf) > 0.5 * costs["sequential"]:
+        measured = call.client.latency.get(kind, size) is not None
+        if not measured or costs.get("jacobian", np.inf) > 0.5 * costs["sequential"]:
             costs.pop("jacobian", None)
     chosen = min(costs, key=costs.__getitem__)
     ranked = ", ".join(f"{r}={c * 1e3:.2f} ms" for r, c in sorted(costs.items()))
