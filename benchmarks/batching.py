@@ -20,7 +20,6 @@ import datetime
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import lineax as lx
 import numpy as np
 import optimistix as optx
 import tesseract_lx as tlx
+from _report import log, versions
 
 
 jax.config.update("jax_enable_x64", True)
@@ -44,10 +44,6 @@ SERVERS = (("tesseract-runtime", 2), ("tesseract-lx", 1))
 # Above this many requests a cell is timed once and warmed up by compiling only (the
 # server has by then compiled the unbatched JVP for this n in a smaller cell).
 BIG = 16
-
-
-def log(*args) -> None:
-    print(*args, flush=True)
 
 
 #
@@ -276,27 +272,6 @@ def newton_gmres(n_side: int, repeats: int):
 #
 # Report
 #
-
-
-def versions() -> str:
-    import equinox
-    import tesseract_core
-
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001
-        rev = "?"
-    return (
-        f"Python {platform.python_version()}, jax {jax.__version__}, "
-        f"tesseract-core {tesseract_core.__version__}, equinox {equinox.__version__}, "
-        f"lineax {lx.__version__}, optimistix {optx.__version__}, "
-        f"tesseract_lx @ {rev} (+ working tree)"
-    )
 
 
 def fmt_cell(row, s) -> str:

@@ -28,7 +28,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import orjson
 import requests
 import tesseract_lx as tlx
+from _report import log, versions
 from tesseract_lx._encoding import ACCEPT, decode_tree, encode_tree
 
 
@@ -60,10 +60,6 @@ ENDPOINT_KIND = {
     "vector_jacobian_product": "vjp",
 }
 WARMUP = 5
-
-
-def log(*args) -> None:
-    print(*args, flush=True)
 
 
 def interleaved_ms(fns: dict, calls: int) -> dict:
@@ -198,29 +194,6 @@ def measure(calls: int):
                     )
                 session.close()
     return rows
-
-
-def versions() -> str:
-    import equinox
-    import lineax
-    import optimistix
-    import tesseract_core
-
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001
-        rev = "?"
-    return (
-        f"Python {platform.python_version()}, jax {jax.__version__}, "
-        f"tesseract-core {tesseract_core.__version__}, equinox {equinox.__version__}, "
-        f"lineax {lineax.__version__}, optimistix {optimistix.__version__}, "
-        f"requests {requests.__version__}, tesseract_lx @ {rev} (+ working tree)"
-    )
 
 
 def table(rows) -> str:

@@ -28,7 +28,6 @@ import datetime
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import lineax as lx
 import optimistix as optx
 import tesseract_lx as tlx
+from _report import log, versions
 
 
 jax.config.update("jax_enable_x64", True)
@@ -61,10 +61,6 @@ PYTREE = TESSERACTS / "pytree" / "tesseract_api.py"
 SIDES = (16, 32)
 TOL = 1e-8
 MAX_STEPS = 256
-
-
-def log(*args) -> None:
-    print(*args, flush=True)
 
 
 #
@@ -294,27 +290,6 @@ def cache_rows(n_side: int, repeats: int):
 #
 # Report
 #
-
-
-def versions() -> str:
-    import equinox
-    import tesseract_core
-
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001
-        rev = "?"
-    return (
-        f"Python {platform.python_version()}, jax {jax.__version__}, "
-        f"tesseract-core {tesseract_core.__version__}, equinox {equinox.__version__}, "
-        f"lineax {lx.__version__}, optimistix {optx.__version__}, "
-        f"tesseract_lx @ {rev} (+ working tree)"
-    )
 
 
 def fmt_sent(sent: dict) -> str:

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import tesseract_lx as tlx
+from _report import log, versions
 
 
 jax.config.update("jax_enable_x64", True)
@@ -92,10 +92,6 @@ PROBLEMS = {
     "bratu": NONSYMMETRIC,
     "poisson": ["Cholesky", "CG"] + NONSYMMETRIC,
 }
-
-
-def log(*args) -> None:
-    print(*args, flush=True)
 
 
 def problem(name: str, n_side: int):
@@ -170,28 +166,6 @@ def run(server: str, n_side: int):
                     f"steps {row['steps']}, rel. error {err:.1e}, {row['result']}"
                 )
     return rows
-
-
-def versions() -> str:
-    import equinox
-    import optimistix
-    import tesseract_core
-
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001
-        rev = "?"
-    return (
-        f"Python {platform.python_version()}, jax {jax.__version__}, "
-        f"tesseract-core {tesseract_core.__version__}, equinox {equinox.__version__}, "
-        f"lineax {lx.__version__}, optimistix {optimistix.__version__}, "
-        f"tesseract_lx @ {rev} (+ working tree)"
-    )
 
 
 def table(rows) -> str:
