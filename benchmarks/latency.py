@@ -14,7 +14,7 @@ Module calls, each followed by `jax.block_until_ready`:
   `jax.jit(lambda u, ct: jax.vjp(g, u)[1](ct)[0])`).
 
 Raw: one `requests.Session` (keep-alive, `Accept: application/json+base64`) posts the
-same payload, encoded with `tesseract_lx._encoding.encode_tree` and `orjson` (as the
+same payload, encoded with `tesseract_lx._wire.encoding.encode_tree` and `orjson` (as the
 client does), and decodes the answer with `decode_tree`: the time of one bare request
 of that endpoint including encoding and decoding. Overhead = module - raw (medians).
 If the module sends more than one request for a call (e.g. a primal `/apply` next to
@@ -39,7 +39,7 @@ import orjson
 import requests
 import tesseract_lx as tlx
 from _report import log, versions
-from tesseract_lx._encoding import ACCEPT, decode_tree, encode_tree
+from tesseract_lx._wire.encoding import ACCEPT, decode_tree, encode_tree
 
 
 jax.config.update("jax_enable_x64", True)

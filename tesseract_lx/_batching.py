@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from ._errors import TesseractDtypeError
-from ._schema import BATCHED_ENDPOINTS
+from ._wire.schema import BATCHED_ENDPOINTS
 
 
 if TYPE_CHECKING:

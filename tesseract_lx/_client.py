@@ -24,14 +24,14 @@ import numpy as np
 import orjson
 import requests
 
-from ._encoding import ACCEPT, decode_tree, encode_tree
+from ._wire.encoding import ACCEPT, decode_tree, encode_tree
 from ._errors import (
     TesseractConnectionError,
     TesseractError,
     TesseractServerError,
     TesseractValidationError,
 )
-from ._schema import parse_openapi, Schema
+from ._wire.schema import parse_openapi, Schema
 
 
 def _format_422(body: Any) -> str:
@@ -138,7 +138,7 @@ class _InProcessTransport:
         from tesseract_core.runtime.core import load_module_from_path
         from tesseract_core.runtime.serve import create_rest_api
 
-        from ._endpoints import create_endpoints, lx_info
+        from ._server.endpoints import create_endpoints, lx_info
 
         if not isinstance(api, ModuleType):
             path = Path(api).resolve()

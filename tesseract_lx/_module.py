@@ -10,7 +10,7 @@ import numpy as np
 from ._batching import nest, STRATEGIES
 from ._client import Client
 from ._primitive import apply_p, Call
-from ._schema import Leaf
+from ._wire.schema import Leaf
 
 
 def _is_array_like(x: Any) -> bool:

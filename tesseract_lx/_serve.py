@@ -25,7 +25,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _command(server: str, path: Path, host: str, port: int, workers: int, cache: bool):
     if server == "tesseract-lx":
-        cmd = [sys.executable, "-m", "tesseract_lx._cli", "serve", str(path)]
+        cmd = [sys.executable, "-m", "tesseract_lx._server.cli", "serve", str(path)]
         cmd += ["--host", host, "--port", str(port), "--workers", str(workers)]
         return cmd + ([] if cache else ["--no-cache"])
     if server == "tesseract-runtime":

@@ -33,10 +33,10 @@ import tesseract_lx as tlx  # noqa: E402
 from helpers import ALL_CASES, SERVERS  # noqa: E402
 
 
-HAVE_TLX_SERVER = importlib.util.find_spec("tesseract_lx._cli") is not None
-HAVE_ENDPOINTS = importlib.util.find_spec("tesseract_lx._endpoints") is not None
-NO_TLX_SERVER = "tesseract_lx._cli (the tesseract-lx server) does not exist yet"
-NO_ENDPOINTS = "tesseract_lx._endpoints (needed by Client.from_api) does not exist yet"
+HAVE_TLX_SERVER = importlib.util.find_spec("tesseract_lx._server.cli") is not None
+HAVE_ENDPOINTS = importlib.util.find_spec("tesseract_lx._server.endpoints") is not None
+NO_TLX_SERVER = "tesseract_lx._server.cli (the tesseract-lx server) does not exist yet"
+NO_ENDPOINTS = "tesseract_lx._server.endpoints (needed by Client.from_api) does not exist yet"
 
 
 def fresh(client: tlx.Client) -> tlx.Client:

@@ -1,6 +1,6 @@
 """The tesseract-lx server: batched endpoints, their modes, validation, the cache.
 
-Real servers (`python -m tesseract_lx._cli serve ...`) on free 127.0.0.1 ports, started
+Real servers (`python -m tesseract_lx._server.cli serve ...`) on free 127.0.0.1 ports, started
 once per session and all at once; requests with plain `requests`.
 """
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import requests
 from tesseract_core.runtime.core import load_module_from_path
-from tesseract_lx._encoding import ACCEPT, decode_tree, encode_tree
-from tesseract_lx._endpoints import batched_modes, create_endpoints, lx_info
+from tesseract_lx._wire.encoding import ACCEPT, decode_tree, encode_tree
+from tesseract_lx._server.endpoints import batched_modes, create_endpoints, lx_info
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def servers(tmp_path_factory):
                     [str(ROOT), os.environ.get("PYTHONPATH", "")]
                 ),
             }
-            cmd = [sys.executable, "-m", "tesseract_lx._cli", "serve", str(api)]
+            cmd = [sys.executable, "-m", "tesseract_lx._server.cli", "serve", str(api)]
             cmd += ["--port", str(port)]
             procs.append(
                 subprocess.Popen(

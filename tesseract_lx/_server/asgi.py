@@ -1,4 +1,4 @@
-"""The module-level app uvicorn imports by string (`tesseract_lx._app:app`).
+"""The module-level app uvicorn imports by string (`tesseract_lx._server.asgi:app`).
 
 uvicorn needs an import string to run more than one worker; each worker process imports
 this module and builds its own app (and its own linearisation cache) from:
@@ -11,8 +11,8 @@ this module and builds its own app (and its own linearisation cache) from:
 
 import os
 
-from ._linearise import CacheSettings
-from ._server import create_app
+from .cache import CacheSettings
+from .app import create_app
 
 
 def _app():

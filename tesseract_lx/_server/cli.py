@@ -4,7 +4,7 @@ tesseract-runtime's own CLI (`tesseract-runtime serve`) always serves
 `tesseract_core.runtime.app_http:app`, so it cannot serve our app; this is its
 counterpart, with the same defaults (127.0.0.1:8000, 1 worker, 60 s keep-alive).
 Configuration reaches the worker processes through environment variables (see
-`_app.py`).
+`asgi.py`).
 """
 
 import argparse
@@ -81,7 +81,7 @@ class _NoDelayConfig(uvicorn.Config):
 def _run(host: str, port: int, workers: int) -> None:
     """`uvicorn.run`, on `_NoDelayConfig`."""
     config = _NoDelayConfig(
-        "tesseract_lx._app:app",
+        "tesseract_lx._server.asgi:app",
         host=host,
         port=port,
         workers=workers,

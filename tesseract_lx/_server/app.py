@@ -2,7 +2,7 @@
 
 `create_app` builds `tesseract_core.runtime.serve.create_rest_api` on a wrapped copy of
 the `tesseract_api` module (JVP/VJP through the linearisation cache, see
-`_endpoints.py`), so every stock route behaves exactly as on `tesseract-runtime serve`.
+`endpoints.py`), so every stock route behaves exactly as on `tesseract-runtime serve`.
 It then adds `POST /batched_jacobian_vector_product` and
 `POST /batched_vector_jacobian_product`.
 
@@ -35,8 +35,8 @@ from tesseract_core.runtime.serve import (
     negotiate_encoding,
 )
 
-from ._endpoints import LxState, prepare
-from ._linearise import CacheSettings
+from .endpoints import LxState, prepare
+from .cache import CacheSettings
 
 
 def _route(endpoint: Callable) -> Callable:

@@ -41,13 +41,13 @@ from tesseract_core.runtime.schema_generation import (
 )
 from tesseract_core.runtime.tree_transforms import get_at_path
 
-from ._linearise import (
+from .cache import (
     CacheSettings,
     enable_tesseract_vjp_cache,
     LinearisationCache,
     primal_digest,
 )
-from ._schema import BATCHED_ENDPOINTS
+from .._wire.schema import BATCHED_ENDPOINTS
 
 
 try:
