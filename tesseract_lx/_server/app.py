@@ -1,125 +1,210 @@
-"""The tesseract-lx server app: tesseract-core's REST app, plus batched endpoints.
+"""`create_app`: the tesseract-lx server's FastAPI app.
 
-`create_app` builds `tesseract_core.runtime.serve.create_rest_api` on a wrapped copy of
-the `tesseract_api` module (JVP/VJP through the linearisation cache, see
-`endpoints.py`), so every stock route behaves exactly as on `tesseract-runtime serve`.
-It then adds `POST /batched_jacobian_vector_product` and
-`POST /batched_vector_jacobian_product`.
+Built as tesseract-core's `create_rest_api` builds its own, from the same pieces, so the
+stock routes answer exactly as on `tesseract-runtime serve` and `/openapi.json`
+describes them identically:
 
-tesseract-core's route wrapper (Accept-header negotiation, `run_<id>/` folders under
-`TESSERACT_OUTPUT_PATH`, response encoding) is a closure inside `create_rest_api` and
-applies only to its four computational endpoints by name, so it cannot be handed new
-endpoints. The batched routes get the same treatment from tesseract-core's public
-pieces (`negotiate_encoding`, `start_run`, `create_response`); GPU transport is not
-offered on them.
+- tesseract-core's endpoint functions (`tesseract_core.runtime.core.create_endpoints`),
+    on a copy of the module whose JVP/VJP go through the linearisation cache;
+- its route wrapper's behaviour (`routes.py`), without a `run_<id>/` folder per
+    request unless `run_folders=True`;
+- its app settings (title, version, description from the runtime config, `/docs`)
+    and its `x-supported-*` extensions of `/openapi.json`.
 
-`/openapi.json` carries a top-level `x-tesseract-lx` block (`LxState.info`), and
-`GET /health` returns the same under `tesseract_lx`.
+It then adds `POST /batched_apply` (always), `POST /batched_jacobian_vector_product`
+and `POST /batched_vector_jacobian_product` (when the Tesseract has a JVP resp. VJP),
+`x-tesseract-lx` in `/openapi.json` and `tesseract_lx` in `GET /health` (see
+`.._wire.spec.Capabilities`), error bodies that carry the Tesseract's own words, and
+the `max_batch` / `max_body_bytes` limits.
 """
 
-import uuid
-from collections.abc import Callable
+import dataclasses
+import types
 from pathlib import Path
-from types import ModuleType
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import FastAPI, Header, Query
+from fastapi import FastAPI
 from tesseract_core.runtime.config import get_config
 from tesseract_core.runtime.core import load_module_from_path
-from tesseract_core.runtime.file_interactions import join_paths
-from tesseract_core.runtime.mpa import start_run
-from tesseract_core.runtime.profiler import Profiler
-from tesseract_core.runtime.serve import (
-    create_response,
-    create_rest_api,
-    negotiate_encoding,
+from tesseract_core.runtime.cuda.serving import add_gpu_transport_handling
+from tesseract_core.runtime.file_interactions import (
+    available_compressions,
+    available_formats,
+    available_gpu_transports,
 )
 
-from .endpoints import LxState, prepare
-from .cache import CacheSettings
+from .._wire.spec import BATCHED_APPLY, BATCHED_JVP, BATCHED_VJP, EXTENSION
+from .batched import batched_gradient_endpoint, gradient_mode
+from .batched_apply import apply_mode, batched_apply_endpoint
+from .cache import CacheSettings, enable_tesseract_vjp_cache, LinearisationCache
+from .declare import compute_precision, read_declaration, ServerState, uses_jax
+from .endpoints import output_shapes_fn, stock_endpoints
+from .limits import BodyLimit, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES
+from .routes import add_error_handlers, computational_route, plain_route, Runner
 
 
-def _route(endpoint: Callable) -> Callable:
-    """An async route for a batched endpoint, as tesseract-core wraps its own."""
-    Payload = endpoint.__annotations__["payload"]
-    Result = endpoint.__annotations__["return"]
-
-    async def route(
-        payload: Payload,  # type: ignore[valid-type]
-        accept: Annotated[str | None, Header()] = None,
-        run_id: Annotated[str | None, Query(include_in_schema=False)] = None,
-    ) -> Result:  # type: ignore[valid-type]
-        encoding = negotiate_encoding(accept)
-        config = get_config()
-        rundir_name = f"run_{run_id or uuid.uuid4()}"
-        profiler = Profiler()
-        # Serial within a worker, like tesseract-core's routes: `start_run`
-        # redirects the process's stdout/stderr into the run folder.
-        with start_run(base_dir=join_paths(config.output_path, rundir_name)):
-            with profiler:
-                result = endpoint(payload)
-            profiler.print_stats()
-        return create_response(
-            result, encoding, base_dir=config.output_path, binref_dir=rundir_name
-        )
-
-    route.__name__ = endpoint.__name__
-    route.__doc__ = endpoint.__doc__
-    return route
+# tesseract-core's `create_rest_api` wraps these (run folder, Accept negotiation).
+_COMPUTATIONAL = (
+    "apply",
+    "jacobian",
+    "jacobian_vector_product",
+    "vector_jacobian_product",
+)
 
 
-def _load(api_path_or_module: str | Path | ModuleType) -> ModuleType:
-    if isinstance(api_path_or_module, ModuleType):
+def _load(api_path_or_module: str | Path | types.ModuleType) -> types.ModuleType:
+    if isinstance(api_path_or_module, types.ModuleType):
         return api_path_or_module
     return load_module_from_path(api_path_or_module)
 
 
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return value
+
+
 def create_app(
-    api_path_or_module: str | Path | ModuleType,
+    api_path_or_module: str | Path | types.ModuleType,
     *,
     cache: bool | CacheSettings = True,
+    run_folders: bool = False,
+    debug: bool = False,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    workers: int = 1,
 ) -> FastAPI:
     """The FastAPI app of a tesseract-lx server.
 
     **Arguments:**
 
     - `api_path_or_module`: path of a `tesseract_api.py`, or the loaded module.
-    - `cache`: the linearisation cache: `True` (settings from `TESSERACT_LX_CACHE_*`),
-        `False`, or explicit `CacheSettings`.
+    - `cache`: the linearisation cache: `True` (bounds from `TESSERACT_LX_CACHE_*`),
+        `False`, or explicit `CacheSettings`. Off anyway for a Tesseract declaring
+        `TESSERACT_LX = {"pure": False}`.
+    - `run_folders`: give every computational request a `run_<id>/` folder under
+        `TESSERACT_OUTPUT_PATH`, with its stdout/stderr and MPA logs, as
+        tesseract-runtime does. Off: nothing is written (but `json+binref` outputs).
+    - `debug`: error bodies carry the traceback, and `/test` is served
+        (also on when tesseract-core's `TESSERACT_DEBUG` is).
+    - `max_batch`: the most items (tangents, points) one batched request may carry.
+    - `max_body_bytes`: the largest request body accepted.
+    - `workers`: the number of server processes, as reported in `x-tesseract-lx`.
 
-    **Returns:** a `fastapi.FastAPI` with tesseract-core's routes, `POST
-    /batched_jacobian_vector_product` and `POST /batched_vector_jacobian_product` (when
-    the Tesseract has a JVP resp. VJP), `x-tesseract-lx` in `/openapi.json`, and
-    `tesseract_lx` in `GET /health`. Run folders go under `TESSERACT_OUTPUT_PATH`.
+    **Returns:** a `fastapi.FastAPI` with tesseract-core's routes and the batched ones.
+    It can be served by any ASGI server, or called in process, also from several
+    threads at once (the Tesseract computes one request at a time).
+
+    A malformed `TESSERACT_LX` declaration raises a `ValueError` naming the key.
     """
+    max_batch = _positive("max_batch", max_batch)
+    max_body_bytes = _positive("max_body_bytes", max_body_bytes)
+    workers = _positive("workers", workers)
+    config = get_config()
+    debug = bool(debug or config.debug)
+
     api_module = _load(api_path_or_module)
-    wrapped, batched, state = prepare(api_module, cache=cache)
-    app = create_rest_api(wrapped)
+    declaration = read_declaration(api_module)
+    jaxy = uses_jax(api_module)
 
-    for endpoint in batched:
-        app.add_api_route(f"/{endpoint.__name__}", _route(endpoint), methods=["POST"])
-    _replace_health(app, state)
+    if isinstance(cache, CacheSettings):
+        settings = cache
+    else:
+        settings = CacheSettings.from_env(enabled=bool(cache))
+    cache_off = None
+    if not settings.enabled:
+        cache_off = "switched off (--no-cache)"
+    elif not declaration.pure:
+        cache_off = "the Tesseract declares TESSERACT_LX['pure'] = False"
+        settings = dataclasses.replace(settings, enabled=False)
+    elif not jaxy:
+        cache_off = "the Tesseract is not JAX code: nothing to linearise"
+    lin_cache = LinearisationCache(settings) if cache_off is None else None
+    if lin_cache is not None and settings.tesseract_vjp_cache:
+        enable_tesseract_vjp_cache(max(settings.max_entries, 1))
 
-    stock_openapi = app.openapi
+    cached_module, stock = stock_endpoints(api_module, lin_cache)
+    modes = {BATCHED_APPLY: apply_mode(api_module, declaration, jaxy)}
+    for kind, name in (("jvp", BATCHED_JVP), ("vjp", BATCHED_VJP)):
+        mode = gradient_mode(api_module, kind, jaxy)
+        if mode is not None:
+            modes[name] = mode
+    state = ServerState(
+        declaration=declaration,
+        modes=modes,
+        cache=lin_cache,
+        settings=settings,
+        cache_off=cache_off,
+        precision=compute_precision(api_module, declaration),
+        workers=workers,
+        max_batch=max_batch,
+        max_body_bytes=max_body_bytes,
+    )
+
+    app = FastAPI(
+        title=config.name,
+        version=config.version,
+        description=config.description.replace("\\n", "\n"),
+        docs_url=None,
+        redoc_url="/docs",
+        debug=debug,
+    )
+    runner = Runner(run_folders=run_folders)
+    add_error_handlers(app, debug)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+
+    for name, fn in stock.items():
+        if name == "test" and not debug:
+            continue
+        if name == "health":
+            app.add_api_route("/health", _health(state), methods=["GET"])
+        elif name in _COMPUTATIONAL:
+            app.add_api_route(
+                f"/{name}", computational_route(fn, runner), methods=["POST"]
+            )
+        elif name == "abstract_eval":
+            app.add_api_route(f"/{name}", plain_route(fn, runner), methods=["POST"])
+        else:
+            app.add_api_route(f"/{name}", fn, methods=["POST"])
+
+    batched = [batched_apply_endpoint(api_module, stock, state)]
+    output_shapes = output_shapes_fn(api_module)
+    for kind, name in (("jvp", BATCHED_JVP), ("vjp", BATCHED_VJP)):
+        if name in modes:
+            batched.append(
+                batched_gradient_endpoint(
+                    kind, api_module, stock, cached_module, state, output_shapes
+                )
+            )
+    for fn in batched:
+        app.add_api_route(
+            f"/{fn.__name__}", computational_route(fn, runner), methods=["POST"]
+        )
+
+    if config.gpu_transport != "none":
+        add_gpu_transport_handling(app)
+
+    generate_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        schema = stock_openapi()
+        schema = generate_openapi()
+        # As tesseract-core's `create_rest_api`: what the Accept header can negotiate.
+        schema["x-supported-output-formats"] = list(available_formats())
+        schema["x-supported-gpu-transports"] = list(available_gpu_transports())
+        schema["x-supported-compressions"] = list(available_compressions())
         # Refreshed on every call: modes can fall back to "loop", counters move.
-        schema["x-tesseract-lx"] = state.info()
+        schema[EXTENSION] = state.info()
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.state.tesseract_lx = state
+    app.state.api_module = api_module
     return app
 
 
-def _replace_health(app: FastAPI, state: LxState) -> None:
-    app.router.routes[:] = [
-        r for r in app.router.routes if getattr(r, "path", None) != "/health"
-    ]
-
+def _health(state: ServerState):
     def health() -> dict[str, Any]:
-        """Health status of the Tesseract, with what tesseract-lx adds."""
+        """Get health status of the Tesseract instance."""
         return {"status": "ok", "tesseract_lx": state.info()}
 
-    app.add_api_route("/health", health, methods=["GET"])
+    return health

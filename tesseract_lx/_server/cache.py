@@ -25,6 +25,20 @@ tesseract-core's own VJP cache can be switched on as well (`CacheSettings.
 tesseract_vjp_cache`), so that an `/apply` followed by a first VJP at the same point is
 cheap too; it is off by default because it slows every `/apply` down (see there).
 
+**The purity assumption.** A cached linearisation is reused for every later request at
+the same primal point, so the cache assumes the Tesseract is a *pure function of its
+inputs*: same inputs, same outputs, whatever happened in between. A Tesseract with
+hidden state (a module-level variable its `apply` changes, a file it reads, a clock)
+gets stale JVPs and VJPs from it. Such a Tesseract says so in its `tesseract_api.py`,
+
+```python
+TESSERACT_LX = {"pure": False}
+```
+
+and the server then runs without the cache; `tesseract-lx serve --no-cache` (or
+`create_app(..., cache=False)`, `TESSERACT_LX_CACHE=0`) switches it off for any
+Tesseract. `x-tesseract-lx` reports `pure` and `linearisation_cache`.
+
 The linear function is evaluated eagerly, not under an outer `jax.jit`: its heavy part
 is the compiled tangent half of the Tesseract's own jitted function, which JAX reuses
 across primal points, whereas jitting the returned closure recompiles per point
@@ -39,12 +53,14 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import jax
 import numpy as np
 from pydantic import BaseModel
 
 
 _MiB = 1024 * 1024
+# Signatures remembered as untraceable; past this, the oldest are forgotten (and
+# tried once more when they come back).
+_MAX_UNTRACEABLE = 1024
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -144,6 +160,8 @@ def _struct(tree: Any) -> tuple:
 
 
 def _nbytes(tree: Any) -> int:
+    import jax  # only JAX Tesseracts get a cache: a NumPy one never imports JAX
+
     return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
 
 
@@ -162,8 +180,9 @@ class LinearisationCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, tuple[Callable, int]] = OrderedDict()
         self._bytes = 0
-        # Signatures whose function did not trace under JAX: called plainly from now.
-        self._untraceable: set[Hashable] = set()
+        # Signatures whose function did not trace under JAX: called plainly from now
+        # (an LRU, as every memo of a long-running server).
+        self._untraceable: OrderedDict[Hashable, None] = OrderedDict()
         self.hits = 0
         self.misses = 0
         self.fallbacks = 0
@@ -226,11 +245,18 @@ class LinearisationCache:
         return (kind, tuple(sorted(ins)), tuple(sorted(outs)), _struct(vec))
 
     def is_untraceable(self, signature: Hashable) -> bool:
-        return signature in self._untraceable
+        with self._lock:
+            if signature not in self._untraceable:
+                return False
+            self._untraceable.move_to_end(signature)
+            return True
 
     def mark_untraceable(self, signature: Hashable) -> None:
         with self._lock:
-            self._untraceable.add(signature)
+            self._untraceable[signature] = None
+            self._untraceable.move_to_end(signature)
+            while len(self._untraceable) > _MAX_UNTRACEABLE:
+                self._untraceable.popitem(last=False)
             self.fallbacks += 1
 
     def _linearise(self, kind, fn, inputs, ins, outs, vec, *, at_vec):
@@ -239,7 +265,7 @@ class LinearisationCache:
         """
         ins, outs = set(ins), set(outs)
         sig = self.signature(kind, inputs, ins, outs, vec)
-        if sig in self._untraceable:
+        if self.is_untraceable(sig):
             return None, None
         key = (sig, primal_digest(inputs))
         lin = self._get(key)
@@ -253,6 +279,8 @@ class LinearisationCache:
             point = {
                 k: np.zeros(np.shape(v), np.asarray(v).dtype) for k, v in vec.items()
             }
+        import jax
+
         try:
             out, lin = jax.linearize(lambda v: fn(inputs, ins, outs, v), point)
         except Exception:

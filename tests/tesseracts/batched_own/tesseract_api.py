@@ -1,9 +1,9 @@
-"""A JAX Tesseract that also defines its own batched JVP/VJP.
+"""A JAX Tesseract that also defines its own batched apply, JVP and VJP.
 
     y = a sin(x),  s = sum(x**2)
 
-The `batched_*` functions are written out by hand (not `jax.vmap`), and count their
-calls in `CALLS`, so tests can tell that the server used them.
+The `batched_*` functions are written out by hand in NumPy (not `jax.vmap`), and
+count their calls in `CALLS`, so tests can tell that the server used them.
 """
 
 from collections import Counter
@@ -88,3 +88,13 @@ def batched_vector_jacobian_product(inputs, vjp_inputs, vjp_outputs, cotangent_v
     cs = np.asarray(cotangent_vector.get("s", np.zeros(k)))
     out = {"x": a * np.cos(x) * cy + 2 * cs[:, None] * x, "a": cy @ np.sin(x)}
     return {key: out[key] for key in vjp_inputs}
+
+
+def batched_apply(inputs: list[InputSchema]) -> list[dict]:
+    """K points at once, by hand in NumPy (points may differ in length)."""
+    CALLS["batched_apply"] += 1
+    outs = []
+    for point in inputs:
+        x, a = np.asarray(point.x), float(point.a)
+        outs.append({"y": a * np.sin(x), "s": np.sum(x**2)})
+    return outs

@@ -1,0 +1,236 @@
+"""How a tesseract-lx route runs an endpoint, and what it answers when it raises.
+
+**The route wrapper.** tesseract-core's `create_rest_api` wraps `apply`, `jacobian`,
+`jacobian_vector_product` and `vector_jacobian_product` so that every request gets a
+`run_<id>/` folder under `TESSERACT_OUTPUT_PATH` and the process's stdout/stderr
+redirected into it (`tesseract_core.runtime.mpa.start_run`): files written, and
+descriptors swapped under a process-wide lock, for every JVP a Krylov solver asks for.
+`computational_route` is that wrapper without the run folder, unless asked for
+(`run_folders=True`): it keeps tesseract-core's `negotiate_encoding` (the `Accept`
+header: `json`, `json+base64`, `json+binref`, compression, GPU transport), its
+`create_response`, the hidden `run_id` query and `exports-done` header, so clients of
+tesseract-core see no difference. Without run folders, a Tesseract that logs metrics
+or parameters (`tesseract_core.runtime.mpa.log_metric`, ...) logs into `_NullBackend`,
+which keeps nothing.
+
+The computation runs in a worker thread, so the event loop keeps answering `/health`
+meanwhile, and one computation at a time per app (`Runner`), as on
+`tesseract-runtime serve`: requests computed at once are the server's `workers`.
+
+**Errors.** An exception raised by the Tesseract's code becomes a `TesseractFailure`,
+answered by `add_error_handlers`' handler with a 500 whose body carries the exception's
+type and message (`.._wire.spec.error_body`), and its traceback when the server runs
+in debug mode. Request validation keeps FastAPI's 422; `HTTPException`s keep their
+status.
+"""
+
+import inspect
+import logging
+import threading
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from tesseract_core.runtime import mpa
+from tesseract_core.runtime.config import get_config
+from tesseract_core.runtime.cuda.serving import EXPORTS_DONE_HEADER, ResponseExports
+from tesseract_core.runtime.file_interactions import join_paths
+from tesseract_core.runtime.profiler import Profiler
+from tesseract_core.runtime.serve import create_response, negotiate_encoding
+
+from .._wire.spec import error_body
+
+
+logger = logging.getLogger("tesseract_lx.server")
+
+
+class TesseractFailure(Exception):
+    """An exception raised by the Tesseract's code while computing `endpoint`."""
+
+    def __init__(self, endpoint: str, error: BaseException):
+        super().__init__(f"{endpoint}: {type(error).__name__}: {error}")
+        self.endpoint = endpoint
+        self.error = error
+
+    def body(self, debug: bool) -> dict[str, Any]:
+        tb = None
+        if debug:
+            tb = "".join(traceback.format_exception(self.error))
+        return error_body(self.endpoint, type(self.error).__name__, str(self.error), tb)
+
+
+def add_error_handlers(app: FastAPI, debug: bool) -> None:
+    """500s that carry the Tesseract's own words, as `.._wire.spec.error_body`."""
+
+    async def failure(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, TesseractFailure)
+        logger.error(
+            "%s raised %s: %s",
+            exc.endpoint,
+            type(exc.error).__name__,
+            exc.error,
+            exc_info=exc.error,
+        )
+        return JSONResponse(status_code=500, content=exc.body(debug))
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Anything else (a bug of ours, a failed encoding): the same body. Starlette
+        # re-raises it after this answer, so uvicorn logs it.
+        endpoint = request.url.path.strip("/") or "/"
+        return JSONResponse(
+            status_code=500, content=TesseractFailure(endpoint, exc).body(debug)
+        )
+
+    app.add_exception_handler(TesseractFailure, failure)
+    app.add_exception_handler(Exception, unexpected)
+
+
+class _NullBackend(mpa.BaseBackend):
+    """An MPA backend that keeps nothing: `log_metric` and friends are no-ops."""
+
+    def __init__(self) -> None:  # no `logs/` folder, unlike every other backend
+        self.log_dir = None
+
+    def log_parameter(self, key: str, value: Any) -> None:
+        pass
+
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, local_path: str) -> None:
+        pass
+
+    def start_run(self) -> None:
+        pass
+
+    def end_run(self) -> None:
+        pass
+
+
+@contextmanager
+def _null_run() -> Iterator[None]:
+    token = mpa._current_backend.set(_NullBackend())
+    try:
+        yield
+    finally:
+        mpa._current_backend.reset(token)
+
+
+class Runner:
+    """Runs the Tesseract's code: one call at a time, in a run folder or not.
+
+    **Arguments:**
+
+    - `run_folders`: give every computational request a `run_<id>/` folder with its
+        logs and stdout/stderr, as tesseract-runtime does.
+    """
+
+    def __init__(self, *, run_folders: bool):
+        self.run_folders = run_folders
+        self._lock = threading.Lock()
+
+    def call(
+        self, endpoint: str, fn: Callable[[], Any], *, rundir: str | None = None
+    ) -> Any:
+        """`fn()`, a Tesseract exception raised as a `TesseractFailure`; in the run
+        folder `rundir` when run folders are on."""
+        with self._lock:
+            try:
+                # As tesseract-core: a no-op unless `TESSERACT_PROFILING` is on.
+                profiler = Profiler()
+                if self.run_folders and rundir is not None:
+                    run = mpa.start_run(base_dir=rundir)
+                else:
+                    run = _null_run()
+                with run:
+                    with profiler:
+                        result = fn()
+                    # Inside the run: the stats go to its log, as on tesseract-core.
+                    profiler.print_stats()
+                return result
+            except HTTPException:
+                raise
+            except Exception as e:
+                raise TesseractFailure(endpoint, e) from e
+
+
+def computational_route(endpoint: Callable, runner: Runner) -> Callable:
+    """The async route of a computational endpoint (`fn(payload) -> pydantic model`).
+
+    Its OpenAPI entry is tesseract-core's: the payload and result models of `endpoint`,
+    an optional `accept` header, hidden `run_id` and `exports-done` parameters.
+    """
+    name = endpoint.__name__
+    Payload = endpoint.__annotations__["payload"]
+    Result = endpoint.__annotations__["return"]
+
+    async def route(
+        payload: Any,
+        accept: Annotated[str | None, Header()] = None,
+        run_id: Annotated[str | None, Query(include_in_schema=False)] = None,
+        exports_done: Annotated[
+            str | None, Header(alias=EXPORTS_DONE_HEADER, include_in_schema=False)
+        ] = None,
+    ) -> Any:
+        config = get_config()
+        encoding = negotiate_encoding(accept)
+        exports = None
+        if config.gpu_transport != "none":
+            exports = ResponseExports(
+                encoding.gpu_transport, acknowledged=exports_done is not None
+            )
+        output_path = config.output_path
+        rundir_name = f"run_{run_id or uuid.uuid4()}"
+        rundir = join_paths(output_path, rundir_name)
+
+        def compute_and_encode() -> Any:
+            result = runner.call(name, lambda: endpoint(payload), rundir=rundir)
+
+            def make_response(device_exports: Any = None) -> Any:
+                return create_response(
+                    result,
+                    encoding,
+                    base_dir=output_path,
+                    binref_dir=rundir_name,
+                    device_exports=device_exports,
+                )
+
+            if exports is None:
+                return make_response()
+            return exports.respond(make_response)
+
+        return await run_in_threadpool(compute_and_encode)
+
+    # Real annotations for FastAPI: the payload model validates the body, the result
+    # model documents the answer (the route returns a ready `Response`).
+    signature = inspect.signature(route)
+    params = list(signature.parameters.values())
+    params[0] = params[0].replace(annotation=Payload)
+    route.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=params, return_annotation=Result
+    )
+    route.__annotations__ = {**route.__annotations__, "payload": Payload}
+    route.__annotations__["return"] = Result
+    route.__name__ = route.__qualname__ = name
+    route.__doc__ = endpoint.__doc__
+    return route
+
+
+def plain_route(endpoint: Callable, runner: Runner) -> Callable:
+    """A synchronous route (FastAPI runs it in its thread pool) for an endpoint that
+    tesseract-core does not wrap (`abstract_eval`): no run folder, same errors."""
+    name = endpoint.__name__
+
+    def route(*args: Any, **kwargs: Any) -> Any:
+        return runner.call(name, lambda: endpoint(*args, **kwargs))
+
+    route.__signature__ = inspect.signature(endpoint)  # type: ignore[attr-defined]
+    route.__annotations__ = dict(endpoint.__annotations__)
+    route.__name__ = route.__qualname__ = name
+    route.__doc__ = endpoint.__doc__
+    return route
