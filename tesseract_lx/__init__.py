@@ -1,6 +1,15 @@
 """Served Tesseracts as first-class citizens of JAX, lineax, optimistix and Equinox."""
 
-from ._batching import Decision as Decision, estimate_costs as estimate_costs
+from ._batching import (
+    AbstractBatching as AbstractBatching,
+    Auto as Auto,
+    Batched as Batched,
+    Concurrent as Concurrent,
+    Decision as Decision,
+    estimate_costs as estimate_costs,
+    Jacobian as Jacobian,
+    Sequential as Sequential,
+)
 from ._client import Client as Client
 from ._errors import (
     TesseractConnectionError as TesseractConnectionError,
@@ -19,4 +28,4 @@ from ._optimistix import residual_fn as residual_fn, ResidualFn as ResidualFn
 from ._serve import serve as serve
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

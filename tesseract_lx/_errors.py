@@ -1,4 +1,12 @@
-"""Errors raised when a Tesseract refuses or fails a request."""
+"""Errors raised when a Tesseract refuses or fails a request.
+
+Every message names the endpoint, the server's URL, the HTTP status and the
+Tesseract's own words, in one line that survives `jax.jit`: there, an exception raised
+in a host callback reaches the user as `jax.errors.JaxRuntimeError` whose text ends
+with this message (the type is lost; `client.last_error` keeps the typed one).
+"""
+
+import orjson
 
 
 class TesseractError(RuntimeError):
@@ -9,14 +17,29 @@ class TesseractError(RuntimeError):
     - `endpoint`: the endpoint the request went to, e.g. `"jacobian_vector_product"`.
     - `status`: the HTTP status (422 for a payload the server's schema rejected,
         500 for a failure inside the Tesseract), or `None` if no answer came back.
-    - `message`: the server's own text.
+    - `message`: the server's own text (for a failure inside the Tesseract, its
+        exception's type and message when the server says them).
+    - `url`: the server's address.
+    - `error_type`: the Tesseract's exception type, when the server says it.
+    - `traceback`: the Tesseract's traceback, when the server sends it (debug).
     """
 
-    def __init__(self, endpoint: str, status: int | None, message: str, url: str = ""):
+    def __init__(
+        self,
+        endpoint: str,
+        status: int | None,
+        message: str,
+        url: str = "",
+        *,
+        error_type: str | None = None,
+        traceback: str | None = None,
+    ):
         self.endpoint = endpoint
         self.status = status
         self.message = message
         self.url = url
+        self.error_type = error_type
+        self.traceback = traceback
         where = f" at {url}" if url else ""
         code = f" ({status})" if status is not None else ""
         super().__init__(f"`/{endpoint}`{where} failed{code}: {message}")
@@ -35,4 +58,56 @@ class TesseractConnectionError(TesseractError, ConnectionError):
 
 
 class TesseractDtypeError(TypeError):
-    """The server answered in a lower precision than was asked for."""
+    """The server computes in a lower precision than the schema's dtypes promise."""
+
+
+_HIDDEN = (
+    "the server did not say why: `tesseract-runtime serve` hides the Tesseract's "
+    "exception unless started with `TESSERACT_DEBUG=1` (then its traceback comes "
+    "back), and `tesseract-lx serve` always returns the exception's type and message"
+)
+
+
+def _format_422(detail: list) -> str:
+    parts = []
+    for err in detail:
+        if not isinstance(err, dict):
+            parts.append(str(err))
+            continue
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"`{loc}`: {err.get('msg', err)}" if loc else str(err.get("msg")))
+    return "; ".join(parts)
+
+
+def from_response(endpoint: str, status: int, body: bytes, url: str) -> TesseractError:
+    """The error for a non-200 answer, with the server's words in the message."""
+    text = body.decode(errors="replace").strip()
+    error_type = traceback = None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict):
+        detail = doc.get("detail")
+        error = doc.get("error") if isinstance(doc.get("error"), dict) else {}
+        error_type, traceback = error.get("type"), error.get("traceback")
+        if isinstance(detail, list):
+            text = _format_422(detail)
+        elif detail is not None:
+            text = str(detail)
+    elif status >= 500 and text.startswith("Traceback"):
+        # tesseract-runtime with `TESSERACT_DEBUG=1`: a plain-text traceback whose last
+        # line is the exception.
+        traceback = text
+        text = text.splitlines()[-1]
+        error_type = text.split(":", 1)[0] if ":" in text else None
+    if status >= 500 and text in ("", "Internal Server Error"):
+        text = f"{text or 'no message'} ({_HIDDEN})"
+    cls = (
+        TesseractValidationError
+        if status == 422
+        else TesseractServerError
+        if status >= 500
+        else TesseractError
+    )
+    return cls(endpoint, status, text, url, error_type=error_type, traceback=traceback)

@@ -16,31 +16,38 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
-from ._batching import available, JVP, output_avals, VJP
+from ._batching import available
+from ._call import Call
 from ._module import TesseractModule
-from ._primitive import apply_p, Call, jvp_p, vjp_p
+from ._primitive import apply_p, jvp_p, vjp_p
+from ._wire import paths
+from ._wire.schema import ArrayNode, differentiable_patterns, node_at
+from ._wire.spec import JVP, VJP
 
 
-def _paths(name: str, value: str | tuple[str, ...]) -> tuple[str, ...]:
+def as_paths(name: str, value: str | tuple[str, ...]) -> tuple[str, ...]:
+    """`wrt`/`of` as a tuple of paths (tesseract-core's syntax), checked for syntax."""
     if isinstance(value, str):
-        return (value,)
+        value = (value,)
     if isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
+        for v in value:
+            paths.segments(v)
         return value
     raise TypeError(
-        f"`{name}` must be a dotted path such as 'u' or 'x.x1', or a tuple of them; "
-        f"got {value!r}."
+        f"`{name}` must be a path such as 'u', 'mesh.points', 'xs.[1]' or "
+        f"'fields.{{a}}', or a tuple of them; got {value!r}."
     )
 
 
-def _index(kind: str, paths: tuple[str, ...], known: tuple[str, ...], diff) -> tuple:
+def _index(kind: str, wanted: tuple[str, ...], known: tuple[str, ...], diff) -> tuple:
     out = []
-    for p in paths:
+    for p in wanted:
         if p not in known or known.index(p) not in diff:
-            names = ", ".join(f"`{known[i]}`" for i in sorted(diff))
+            what = "input" if kind == "wrt" else "output"
+            names = paths.describe([known[i] for i in sorted(diff)])
             raise ValueError(
-                f"`{kind}='{p}'` is not a differentiable "
-                f"{'input' if kind == 'wrt' else 'output'}; differentiable "
-                f"{'inputs' if kind == 'wrt' else 'outputs'} are: {names}."
+                f"`{kind}='{p}'` is not a differentiable {what} at this point; "
+                f"differentiable {what}s are: {names}."
             )
         out.append(known.index(p))
     return tuple(out)
@@ -116,8 +123,7 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
             params = dict(vjp_in=wrt, vjp_out=of)
         else:
             src, dst, structs, prim = self.wrt, self.of, ins, jvp_p
-            out_avals = tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in outs)
-            params = dict(jvp_in=wrt, jvp_out=of, out_avals=out_avals)
+            params = dict(jvp_in=wrt, jvp_out=of)
         lin = self._unpack(src, vector, structs)
         results = prim.bind(
             *operands,
@@ -138,9 +144,11 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
         kind, other = (VJP, JVP) if self.transposed else (JVP, VJP)
         # A Tesseract serving neither this direction, its batched endpoint nor
         # `/jacobian` gets it from the other direction: batch that one instead.
-        rules = available(call, kind) or available(call, other)
+        client = self.module.client
+        rules = available(client, kind) or available(client, other)
         rule = next((r for r in ("batched", "jacobian") if r in rules), call.batching)
-        op = _replace(self, module=TesseractModule(self.module.client, rule))
+        module = TesseractModule(client, rule, strict_dtype=self.module.strict_dtype)
+        op = _replace(self, module=module)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.in_structure())
         flat, unravel = jfu.ravel_pytree(zeros)
         basis = jax.vmap(unravel)(jnp.eye(flat.size, dtype=flat.dtype))
@@ -150,13 +158,21 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
 
 
 def _structure(module: TesseractModule, inputs: dict, wrt, of) -> tuple:
-    call, operands = module.prepare(inputs)
+    call, _ = module.prepare(inputs)
     wrt_i = _index("wrt", wrt, call.in_paths, call.diff_in)
+    outputs = module.client.schema.outputs
+    for p in of:
+        # Refused from the schema first: the output shapes may cost a request.
+        node = node_at(outputs, p)
+        if not (isinstance(node, ArrayNode) and node.differentiable):
+            raise ValueError(
+                f"`of='{p}'` is not a differentiable output; differentiable outputs "
+                f"are: {paths.describe(differentiable_patterns(outputs))}."
+            )
     of_i = _index("of", of, call.out_paths, frozenset(call.diff_out))
-    avals = [jax.typeof(x) for x in operands]
-    outs = output_avals(call, avals)
-    ins = tuple(jax.ShapeDtypeStruct(avals[i].shape, avals[i].dtype) for i in wrt_i)
-    outs = tuple(jax.ShapeDtypeStruct(outs[j].shape, outs[j].dtype) for j in of_i)
+    struct = lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+    ins = tuple(struct(call.inputs[i]) for i in wrt_i)
+    outs = tuple(struct(call.outputs[j]) for j in of_i)
     return ins, outs
 
 
@@ -167,8 +183,9 @@ class TesseractJacobianOperator(AbstractTesseractOperator):
 
     - `f`: a `TesseractModule`.
     - `inputs`: the point, a dict of all the Tesseract's inputs.
-    - `wrt`: the input(s) to differentiate with respect to: a dotted path (`"u"`,
-        `"params.a"`) or a tuple of them (then vectors are dicts keyed by path).
+    - `wrt`: the input(s) to differentiate with respect to: a path in
+        tesseract-core's syntax (`"u"`, `"params.a"`, `"xs.[1]"`, `"fields.{a}"`) or a
+        tuple of them (then vectors are dicts keyed by path).
     - `of`: the output(s) to differentiate, likewise.
     - `tags`: lineax tags, e.g. `lx.symmetric_tag` (unchecked).
 
@@ -206,8 +223,8 @@ class TesseractJacobianOperator(AbstractTesseractOperator):
             raise TypeError(f"`f` must be a `TesseractModule`, got {type(f).__name__}.")
         self.module = f
         self.inputs = inputs
-        self.wrt = _paths("wrt", wrt)
-        self.of = _paths("of", of)
+        self.wrt = as_paths("wrt", wrt)
+        self.of = as_paths("of", of)
         if not isinstance(tags, frozenset | set | tuple | list):
             tags = (tags,)
         self.tags = frozenset(tags)

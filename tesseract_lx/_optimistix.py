@@ -6,27 +6,9 @@ import equinox as eqx
 from jaxtyping import PyTree
 
 from ._module import TesseractModule
-from ._operator import _paths
-
-
-def _set(tree: dict, path: str, value: Any) -> dict:
-    """A copy of the nested dict `tree` with `path` set to `value`."""
-    head, _, rest = path.partition(".")
-    new = dict(tree)
-    if rest:
-        sub = tree.get(head, {})
-        if not isinstance(sub, dict):
-            raise TypeError(f"`args['{head}']` must be a dict to hold `{path}`.")
-        new[head] = _set(sub, rest, value)
-    else:
-        new[head] = value
-    return new
-
-
-def _get(tree: dict, path: str) -> Any:
-    for key in path.split("."):
-        tree = tree[key]
-    return tree
+from ._operator import as_paths
+from ._wire import paths
+from ._wire.schema import ArrayNode, differentiable_patterns, node_at
 
 
 class ResidualFn(eqx.Module):
@@ -39,24 +21,23 @@ class ResidualFn(eqx.Module):
     wrt: tuple[str, ...] = eqx.field(static=True)
     of: tuple[str, ...] = eqx.field(static=True)
 
-    def __call__(self, y: PyTree, args: dict | None) -> PyTree:
-        inputs = dict(args or {})
+    def __call__(self, y: PyTree, args: Any) -> PyTree:
+        inputs = args if args is not None else {}
         if len(self.wrt) == 1:
-            inputs = _set(inputs, self.wrt[0], y)
+            inputs = paths.replace(inputs, self.wrt[0], y)
         else:
             if not isinstance(y, dict) or set(y) != set(self.wrt):
+                got = f" with keys {sorted(y)}" if isinstance(y, dict) else ""
                 raise ValueError(
                     f"`y` must be a dict keyed by {list(self.wrt)}, got "
-                    f"{type(y).__name__}"
-                    + (f" with keys {sorted(y)}" if isinstance(y, dict) else "")
-                    + "."
+                    f"{type(y).__name__}{got}."
                 )
             for path in self.wrt:
-                inputs = _set(inputs, path, y[path])
+                inputs = paths.replace(inputs, path, y[path])
         out = self.module(inputs)
         if len(self.of) == 1:
-            return _get(out, self.of[0])
-        return {path: _get(out, path) for path in self.of}
+            return paths.get(out, self.of[0])
+        return {path: paths.get(out, path) for path in self.of}
 
 
 def residual_fn(
@@ -67,15 +48,16 @@ def residual_fn(
     **Arguments:**
 
     - `f`: a `TesseractModule`.
-    - `wrt`: the input(s) that `y` stands for: a dotted path, or a tuple of them
-        (then `y` is a dict keyed by path).
+    - `wrt`: the input(s) that `y` stands for: a path in tesseract-core's syntax
+        (`"u"`, `"params.a"`, `"xs.[1]"`, `"fields.{a}"`), or a tuple of them (then
+        `y` is a dict keyed by path).
     - `of`: the output(s) `fn` returns, likewise (several for least squares; a
         scalar output for minimisation).
 
     **Returns:**
 
-    `fn(y, args)`, where `args` is a dict of the Tesseract's other inputs (nested as
-    the Tesseract takes them; values may be traced).
+    `fn(y, args)`, where `args` is the Tesseract's other inputs, nested as the
+    Tesseract takes them (values may be traced).
 
     !!! Example
 
@@ -92,18 +74,19 @@ def residual_fn(
     """
     if not isinstance(f, TesseractModule):
         raise TypeError(f"`f` must be a `TesseractModule`, got {type(f).__name__}.")
-    wrt_paths, of_paths = _paths("wrt", wrt), _paths("of", of)
+    wrt_paths, of_paths = as_paths("wrt", wrt), as_paths("of", of)
     schema = f.client.schema
-    for path in wrt_paths:
-        if path not in schema.diff_inputs:
-            raise ValueError(
-                f"`wrt='{path}'` is not a differentiable input; differentiable inputs "
-                f"are: {', '.join(f'`{p}`' for p in schema.diff_inputs)}."
-            )
-    for path in of_paths:
-        if path not in schema.diff_outputs:
-            raise ValueError(
-                f"`of='{path}'` is not a differentiable output; differentiable "
-                f"outputs are: {', '.join(f'`{p}`' for p in schema.diff_outputs)}."
-            )
+    for name, wanted, model in (
+        ("wrt", wrt_paths, schema.inputs),
+        ("of", of_paths, schema.outputs),
+    ):
+        for path in wanted:
+            node = node_at(model, path)
+            if not (isinstance(node, ArrayNode) and node.differentiable):
+                what = "input" if name == "wrt" else "output"
+                raise ValueError(
+                    f"`{name}='{path}'` is not a differentiable {what}; differentiable "
+                    f"{what}s are: {paths.describe(differentiable_patterns(model))} "
+                    "(`[]`: any list item, `{}`: any dict key)."
+                )
     return ResidualFn(f, wrt_paths, of_paths)

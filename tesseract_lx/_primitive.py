@@ -15,10 +15,10 @@ is defined in the (co)tangent only: a Tesseract serves first derivatives.
 
 vmap: every primitive carries `batched`, one flag per operand. Flagged operands share
 a leading batch axis of size K; the outputs then carry it too. Nested vmaps fold into
-one K. How K (co)tangents or primals reach the server is `_batching.py`'s business.
+one K. How K (co)tangents or points reach the server is `_dispatch.py`'s business,
+by the rules of `_batching.py`.
 """
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -28,47 +28,10 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from . import _batching
-from ._client import Client
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Call:
-    """Everything static about calls of one Tesseract with one input signature.
-
-    Hashable, compared by value except for the client (by identity), so that jit does
-    not retrace when a module is rebuilt around the same client.
-    """
-
-    client: Client
-    in_paths: tuple[str, ...]  # the array operands, in order
-    statics: tuple[tuple[str, Any], ...]  # non-array inputs, by path
-    out_paths: tuple[str, ...]  # the array outputs, in order
-    diff_in: frozenset[int]  # operands that are differentiable inputs
-    diff_out: tuple[int, ...]  # outputs that are differentiable
-    batching: str
-    strict_dtype: bool
-
-    def _key(self):
-        return (
-            id(self.client),
-            self.in_paths,
-            self.statics,
-            self.out_paths,
-            self.diff_in,
-            self.diff_out,
-            self.batching,
-            self.strict_dtype,
-        )
-
-    def __hash__(self):
-        return hash(self._key())
-
-    def __eq__(self, other):
-        return isinstance(other, Call) and self._key() == other._key()
-
-    def __repr__(self):
-        return f"Call({self.client!r}, in={self.in_paths}, out={self.out_paths})"
+from . import _dispatch
+from ._call import Call
+from ._errors import TesseractError
+from ._wire import paths
 
 
 def _is_zero(t) -> bool:
@@ -108,8 +71,7 @@ apply_p.multiple_results = True
 
 def _apply_abstract(*args, call: Call, batched):
     k = _batch_size(args, batched)
-    in_avals = [_strip(a, b) for a, b in zip(args, batched)]
-    return _with_batch(_batching.output_avals(call, in_avals), k)
+    return _with_batch(call.out_avals, k)
 
 
 def _apply_jvp(primals, tangents, *, call: Call, batched):
@@ -118,20 +80,17 @@ def _apply_jvp(primals, tangents, *, call: Call, batched):
         if _is_zero(t):
             continue
         if i not in call.diff_in:
-            path = call.in_paths[i]
+            diff = [call.in_paths[j] for j in sorted(call.diff_in)]
             raise ValueError(
-                f"Cannot differentiate with respect to `{path}`: it is not a "
-                "differentiable input of this Tesseract; differentiable inputs are: "
-                + ", ".join(f"`{p}`" for p in call.client.schema.diff_inputs)
-                + "."
+                f"Cannot differentiate with respect to `{call.in_paths[i]}`: it is not "
+                "a differentiable input of this Tesseract; differentiable inputs are: "
+                f"{paths.describe(diff)}."
             )
         nonzero.append(i)
     outs = apply_p.bind(*primals, call=call, batched=batched)
     out_tangents = [_zero(jax.typeof(o)) for o in outs]
     if not nonzero or not call.diff_out:
         return outs, out_tangents
-    any_batched = any(batched)
-    out_avals = tuple(_strip(jax.typeof(outs[j]), any_batched) for j in call.diff_out)
     tans = [tangents[i] for i in nonzero]
     results = jvp_p.bind(
         *primals,
@@ -140,7 +99,6 @@ def _apply_jvp(primals, tangents, *, call: Call, batched):
         batched=tuple(batched) + tuple(batched[i] for i in nonzero),
         jvp_in=tuple(nonzero),
         jvp_out=call.diff_out,
-        out_avals=out_avals,
     )
     for j, r in zip(call.diff_out, results):
         out_tangents[j] = r
@@ -161,9 +119,9 @@ vjp_p = Primitive("tesseract_vjp")
 vjp_p.multiple_results = True
 
 
-def _jvp_abstract(*args, call, batched, jvp_in, jvp_out, out_avals):
+def _jvp_abstract(*args, call, batched, jvp_in, jvp_out):
     k = _batch_size(args, batched)
-    return _with_batch(out_avals, k)
+    return _with_batch([call.outputs[j].aval for j in jvp_out], k)
 
 
 def _vjp_abstract(*args, call, batched, vjp_in, vjp_out):
@@ -242,7 +200,6 @@ def _transpose(kind: str, cts, *args, call, batched, **params):
             vjp_out=tuple(sel_out[m] for m in live),
         )
     else:
-        out_avals = tuple(_strip(lin_args[m].aval, batched[n + m]) for m in undefined)
         outs = jvp_p.bind(
             *primals,
             *cts_live,
@@ -250,7 +207,6 @@ def _transpose(kind: str, cts, *args, call, batched, **params):
             batched=ct_batched,
             jvp_in=tuple(sel_out[m] for m in live),
             jvp_out=tuple(sel_in[m] for m in undefined),
-            out_avals=out_avals,
         )
     for m, o in zip(undefined, outs):
         if any_batched and not batched[n + m]:
@@ -311,14 +267,14 @@ for _p in (apply_p, jvp_p, vjp_p):
 #
 
 _HOST = {
-    apply_p: _batching.run_apply,
-    jvp_p: _batching.run_jvp,
-    vjp_p: _batching.run_vjp,
+    apply_p: _dispatch.run_apply,
+    jvp_p: _dispatch.run_jvp,
+    vjp_p: _dispatch.run_vjp,
 }
 
 
 def _impl(prim, *args, **params):
-    # Eagerly, `/apply` tells its own output shapes: no `/abstract_eval` first.
+    # Eagerly, `/apply` tells its own output structure: no `/abstract_eval` first.
     avals = None
     if prim is not apply_p or any(params["batched"]):
         avals = prim.abstract_eval(*map(jax.typeof, args), **params)[0]
@@ -333,7 +289,11 @@ def _lowering(prim, *args, **params):
 
     def host(*arrays):
         arrays = [np.asarray(a) for a in arrays]
-        return tuple(_HOST[prim](arrays, result_avals=avals, **params))
+        try:
+            return tuple(_HOST[prim](arrays, result_avals=avals, **params))
+        except TesseractError as e:
+            # JAX keeps only the text of this traceback: keep it to our message.
+            raise e.with_traceback(None) from None
 
     return jax.pure_callback(host, shapes, *args)
 

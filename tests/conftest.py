@@ -8,7 +8,6 @@ restarted: startup costs seconds.
 
 import atexit
 import concurrent.futures
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -33,16 +32,11 @@ import tesseract_lx as tlx  # noqa: E402
 from helpers import ALL_CASES, SERVERS  # noqa: E402
 
 
-HAVE_TLX_SERVER = importlib.util.find_spec("tesseract_lx._server.cli") is not None
-HAVE_ENDPOINTS = importlib.util.find_spec("tesseract_lx._server.endpoints") is not None
-NO_TLX_SERVER = "tesseract_lx._server.cli (the tesseract-lx server) does not exist yet"
-NO_ENDPOINTS = "tesseract_lx._server.endpoints (needed by Client.from_api) does not exist yet"
-
-
 def fresh(client: tlx.Client) -> tlx.Client:
     """Forget everything a previous test taught `client` (not its schema)."""
     client.stats.clear()
-    client.output_shapes.clear()
+    client.structures.clear()
+    client.last_error = None
     client.latency.clear()
     client.decisions.clear()
     return client
@@ -73,10 +67,6 @@ class Servers:
 
     def get(self, path: str | Path, transport: str, workers: int = 1) -> tlx.Client:
         key = (str(path), transport, workers)
-        if transport == "inprocess" and not HAVE_ENDPOINTS:
-            pytest.skip(NO_ENDPOINTS)
-        if transport == "tlx" and not HAVE_TLX_SERVER:
-            pytest.skip(NO_TLX_SERVER)
         with self._lock:
             if key in self._failed:
                 raise self._failed[key]
@@ -109,8 +99,6 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         transport, tesseract = params.get("transport"), params.get("tesseract")
         if transport in SERVERS and tesseract in ALL_CASES:
-            if transport == "tlx" and not HAVE_TLX_SERVER:
-                continue
             _NEEDED.add((str(ALL_CASES[tesseract].path), transport, 1))
         if "stock2" in getattr(item, "fixturenames", ()):
             _NEEDED.add((str(ALL_CASES["bratu"].path), "stock", 2))

@@ -120,6 +120,13 @@ PARTIAL_CASES = {
 ALL_CASES = {**CASES, **PARTIAL_CASES}
 
 
+def schema_fixes_outputs(client) -> bool:
+    """Whether the schema alone fixes the output shapes (no `/abstract_eval` needed)."""
+    from tesseract_lx._tree import fixed_outputs
+
+    return fixed_outputs(client.schema.outputs) is not None
+
+
 def size(tree: Any) -> int:
     return sum(np.size(x) for x in jax.tree.leaves(tree))
 

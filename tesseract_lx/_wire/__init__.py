@@ -1,1 +1,1 @@
-"""What client and server share: array encoding, paths, the schema and `x-tesseract-lx`."""
+"""What client and server share: encoding, paths, the schema, `x-tesseract-lx`."""

@@ -1,0 +1,120 @@
+"""`Call`: everything static about one Tesseract call, the primitives' parameter.
+
+A call is the Tesseract (its client), the input template (structure and static
+values), the operand leaves (paths, shapes, dtypes, differentiability), the batching
+rule and the dtype policy. It is hashable and compared by value, except for the
+client (by identity), so `jax.jit` does not retrace when a module is rebuilt around the
+same client.
+
+The output structure is a function of the call: `_shapes.outputs` finds it (the
+schema, an eager answer, or one `/abstract_eval`) the first time it is asked for. An
+eager call is sent before anyone asks, so it never needs `/abstract_eval`.
+"""
+
+import dataclasses
+from typing import Any, TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from . import _shapes
+from ._client import Client
+from ._dtypes import check_precision
+from ._tree import build, flatten_inputs, Leaf, Template
+
+
+if TYPE_CHECKING:
+    from ._batching import AbstractBatching
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Call:
+    client: Client
+    template: Template
+    inputs: tuple[Leaf, ...]
+    batching: "AbstractBatching"
+    strict_dtype: bool
+
+    def _key(self) -> tuple:
+        return (
+            id(self.client),
+            self.template,
+            self.inputs,
+            self.batching,
+            self.strict_dtype,
+        )
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Call) and self._key() == other._key()
+
+    def __repr__(self) -> str:
+        return f"Call({self.client!r}, in={self.in_paths}, out={self.out_paths})"
+
+    @property
+    def in_paths(self) -> tuple[str, ...]:
+        return tuple(leaf.path for leaf in self.inputs)
+
+    @property
+    def out_template(self) -> Template:
+        return _shapes.outputs(self.client, self.template, self.inputs)[0]
+
+    @property
+    def outputs(self) -> tuple[Leaf, ...]:
+        return _shapes.outputs(self.client, self.template, self.inputs)[1]
+
+    @property
+    def out_paths(self) -> tuple[str, ...]:
+        return tuple(leaf.path for leaf in self.outputs)
+
+    @property
+    def diff_in(self) -> frozenset[int]:
+        return frozenset(i for i, leaf in enumerate(self.inputs) if leaf.differentiable)
+
+    @property
+    def diff_out(self) -> tuple[int, ...]:
+        return tuple(j for j, leaf in enumerate(self.outputs) if leaf.differentiable)
+
+    @property
+    def out_avals(self) -> list[jax.core.ShapedArray]:
+        return [leaf.aval for leaf in self.outputs]
+
+    def payload(self, values: list) -> dict:
+        """The `inputs` of a request, with `values` at the operands."""
+        return build(self.template, wire_values(self.inputs, values), wire=True)
+
+    def unflatten(self, values: list) -> Any:
+        """The output tree, with `values` at the output leaves."""
+        return build(self.out_template, list(values))
+
+
+def wire_values(leaves: tuple[Leaf, ...] | list[Leaf], values: list) -> list:
+    """Operands as they go on the wire: arrays, and plain numbers for number fields."""
+    return [
+        np.asarray(v).item() if leaf.number else np.asarray(v)
+        for leaf, v in zip(leaves, values)
+    ]
+
+
+def flatten(client: Client, inputs: Any) -> tuple[Template, tuple[Leaf, ...], list]:
+    """Check `inputs` against the schema; `(template, leaves, operand values)`.
+
+    Sends nothing but, once per client, the `/openapi.json` request.
+    """
+    template, leaves, values = flatten_inputs(client.schema.inputs, inputs)
+    return template, tuple(leaves), values
+
+
+def make_call(
+    client: Client,
+    template: Template,
+    leaves: tuple[Leaf, ...],
+    batching: "AbstractBatching",
+    strict_dtype: bool,
+) -> Call:
+    """The call for these inputs. Sends nothing; refuses a server that computes
+    below its declared precision (`_dtypes.check_precision`)."""
+    check_precision(client, strict_dtype)
+    return Call(client, template, leaves, batching, strict_dtype)

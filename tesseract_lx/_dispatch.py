@@ -1,0 +1,267 @@
+"""Host side of the primitives: NumPy operands in, requests out, NumPy results back.
+
+The primitives hand over arrays with flags saying which carry a leading batch axis.
+Batches are grouped by primal point (a vmap over points of a vmap over tangents
+sends one tangent batch per point); each group goes by the rule `_batching.plan`
+resolves. A JVP the server cannot compute comes from the VJPs of the output basis
+(or `/jacobian`), a VJP from the JVPs of the input basis.
+"""
+
+import collections
+import math
+from typing import Any
+
+import numpy as np
+
+from . import _shapes
+from ._batching import plan
+from ._call import Call
+from ._dtypes import conform
+from ._tree import flatten_outputs
+from ._wire import paths
+from ._wire.spec import APPLY, BATCHED_APPLY, JACOBIAN, JVP, VJP
+
+
+def _size(arrays) -> int:
+    return int(sum(np.size(a) for a in arrays))
+
+
+def _pick(call: Call, response: Any, endpoint: str) -> list[np.ndarray]:
+    """The call's output leaves out of an `/apply` answer, in the expected dtypes."""
+    outs = []
+    for leaf in call.outputs:
+        try:
+            value = paths.get(response, leaf.path)
+        except KeyError:
+            raise ValueError(
+                f"`/{endpoint}` answered without output `{leaf.path}`, which the "
+                "output structure (from the schema or `/abstract_eval`) promised."
+            ) from None
+        value = conform(value, leaf.dtype, leaf.path, endpoint)
+        if value.shape != leaf.shape:
+            raise ValueError(
+                f"`/{endpoint}` answered `{leaf.path}` with shape {value.shape}, but "
+                f"{leaf.shape} was expected (from the schema or `/abstract_eval`)."
+            )
+        outs.append(value)
+    return outs
+
+
+def _apply_eager(call: Call, arrays) -> list[np.ndarray]:
+    """One `/apply` whose answer teaches the call's output structure."""
+    client = call.client
+    payload = {"inputs": call.payload(arrays)}
+    response = client.request(APPLY, payload, size=_size(arrays))
+    template, leaves, values = flatten_outputs(client.schema.outputs, response)
+    _shapes.learn(client, call.template, call.inputs, (template, tuple(leaves)))
+    return [conform(v, leaf.dtype, leaf.path, APPLY) for leaf, v in zip(leaves, values)]
+
+
+def _groups(arrays, batched, n: int) -> tuple[int, list[tuple[list[int], list]]]:
+    """Batch members grouped by primal point: `(K, [(indices, primals)])`."""
+    k = next(a.shape[0] for a, b in zip(arrays, batched) if b)
+    if not any(batched[:n]):
+        return k, [(list(range(k)), list(arrays[:n]))]
+    groups: dict[bytes, tuple[list[int], list]] = collections.OrderedDict()
+    for j in range(k):
+        point = [a[j] if b else a for a, b in zip(arrays[:n], batched[:n])]
+        key = b"".join(
+            np.ascontiguousarray(p).tobytes() + str(np.shape(p)).encode() for p in point
+        )
+        groups.setdefault(key, ([], point))[0].append(j)
+    return k, list(groups.values())
+
+
+def _chunks(items: list, size: int | None) -> list[list]:
+    if not size or size >= len(items):
+        return [items]
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def run_apply(arrays, *, result_avals, call: Call, batched) -> list[np.ndarray]:
+    client = call.client
+    if not any(batched):
+        if result_avals is None:
+            return _apply_eager(call, arrays)
+        payload = {"inputs": call.payload(arrays)}
+        response = client.request(APPLY, payload, size=_size(arrays))
+        return _pick(call, response, APPLY)
+    n = len(arrays)
+    _, groups = _groups(arrays, batched, n)
+    size = _size(groups[0][1])
+    how = plan(client, call.batching, APPLY, len(groups), size, 0, size)
+    points = [call.payload(point) for _, point in groups]
+    if how.rule == "batched":
+        chunks = _chunks(points, how.max_batch)
+        answers = client.request_many(
+            BATCHED_APPLY,
+            [{"inputs": chunk} for chunk in chunks],
+            max_in_flight=how.max_in_flight,
+            size=size,
+            k=len(chunks[0]),
+        )
+        responses = [r for answer in answers for r in answer]
+        endpoint = BATCHED_APPLY
+    else:
+        in_flight = how.max_in_flight if how.rule == "concurrent" else 1
+        responses = client.request_many(
+            APPLY, [{"inputs": p} for p in points], max_in_flight=in_flight, size=size
+        )
+        endpoint = APPLY
+    outs = [np.empty(a.shape, a.dtype) for a in result_avals]
+    for (idx, _), response in zip(groups, responses):
+        for o, v in zip(outs, _pick(call, response, endpoint)):
+            o[idx] = v
+    return outs
+
+
+#
+# (Co)tangents at one point
+#
+
+_NAMES = {
+    JVP: ("jvp_inputs", "jvp_outputs", "tangent_vector"),
+    VJP: ("vjp_inputs", "vjp_outputs", "cotangent_vector"),
+}
+
+
+def _missing(call: Call, kind: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"The Tesseract cannot compute a {'JVP' if kind == JVP else 'VJP'}: it serves "
+        f"none of the endpoints that give one (`{JVP}`, `{VJP}` or `{JACOBIAN}`); it "
+        f"serves: {paths.describe(sorted(call.client.schema.endpoints))}."
+    )
+
+
+def _contract(jac, lin, src, dst, dst_shapes, k: int, forward: bool) -> dict:
+    """Apply `jac` (`{(out, in): block}`), or its transpose, to K stacked vectors."""
+    out = {}
+    for d in dst:
+        size = math.prod(dst_shapes[d])
+        acc = np.zeros((k, size))
+        for s in src:
+            block = jac[(d, s)] if forward else jac[(s, d)]
+            m = block.reshape(size, -1) if forward else block.reshape(-1, size).T
+            acc = acc + lin[s].reshape(k, -1) @ m.T
+        out[d] = acc.reshape(k, *dst_shapes[d])
+    return out
+
+
+def linear(call: Call, kind: str, primals, src, dst, lin, k: int, dst_shapes) -> dict:
+    """K (co)tangents at one point: `lin[path]` has shape `(K, *shape)`.
+
+    `kind` is JVP (`src` input paths, `dst` output paths) or VJP (the reverse).
+    Returns `{dst path: (K, *shape)}`.
+    """
+    client = call.client
+    forward = kind == JVP
+    rules = set(_available(call, kind))
+    if not rules:
+        return _by_other_direction(call, kind, primals, src, dst, lin, k, dst_shapes)
+    n_src = sum(math.prod(lin[s].shape[1:]) for s in src)
+    n_dst = sum(math.prod(dst_shapes[d]) for d in dst)
+    n_in, n_out = (n_src, n_dst) if forward else (n_dst, n_src)
+    size = _size(primals)
+    how = plan(client, call.batching, kind, k, n_in, n_out, size)
+    inputs = call.payload(primals)
+    sel = (list(src), list(dst)) if forward else (list(dst), list(src))
+    if how.rule == "jacobian":
+        payload = {"inputs": inputs, "jac_inputs": sel[0], "jac_outputs": sel[1]}
+        result = client.request(JACOBIAN, payload, size=size)
+        jac = {(o, i): np.asarray(result[o][i]) for o in sel[1] for i in sel[0]}
+        return _contract(jac, lin, src, dst, dst_shapes, k, forward)
+    names = _NAMES[kind]
+    base = {"inputs": inputs, names[0]: sel[0], names[1]: sel[1]}
+    if how.rule == "batched":
+        bounds = [(c[0], c[-1] + 1) for c in _chunks(list(range(k)), how.max_batch)]
+        payloads = [
+            {**base, names[2]: {s: lin[s][a:b] for s in src}} for a, b in bounds
+        ]
+        results = client.request_many(
+            f"batched_{kind}",
+            payloads,
+            max_in_flight=how.max_in_flight,
+            size=size,
+            k=bounds[0][1] - bounds[0][0],
+        )
+        return {d: np.concatenate([np.asarray(r[d]) for r in results]) for d in dst}
+    payloads = [{**base, names[2]: {s: lin[s][j] for s in src}} for j in range(k)]
+    in_flight = how.max_in_flight if how.rule == "concurrent" else 1
+    results = client.request_many(kind, payloads, max_in_flight=in_flight, size=size)
+    return {d: np.stack([np.asarray(r[d]) for r in results]) for d in dst}
+
+
+def _available(call: Call, kind: str) -> list[str]:
+    schema = call.client.schema
+    return [e for e in (f"batched_{kind}", JACOBIAN, kind) if schema.has(e)]
+
+
+def _by_other_direction(call: Call, kind, primals, src, dst, lin, k, dst_shapes):
+    """A JVP from the VJPs of the output basis (or a VJP from JVPs): the Jacobian."""
+    other = VJP if kind == JVP else JVP
+    if not _available(call, other):
+        raise _missing(call, kind)
+    sizes = {d: math.prod(dst_shapes[d]) for d in dst}
+    total = sum(sizes.values())
+    basis, start = {}, 0
+    for d in dst:
+        eye = np.zeros((total, sizes[d]))
+        eye[start : start + sizes[d]] = np.eye(sizes[d])
+        basis[d] = eye.reshape(total, *dst_shapes[d])
+        start += sizes[d]
+    src_shapes = {s: lin[s].shape[1:] for s in src}
+    rows = linear(call, other, primals, dst, src, basis, total, src_shapes)
+    jac, start = {}, 0
+    for d in dst:
+        for s in src:
+            m = rows[s][start : start + sizes[d]].reshape(sizes[d], -1)
+            if kind == JVP:
+                jac[(d, s)] = m.reshape(*dst_shapes[d], *src_shapes[s])
+            else:
+                jac[(s, d)] = m.T.reshape(*src_shapes[s], *dst_shapes[d])
+        start += sizes[d]
+    return _contract(jac, lin, src, dst, dst_shapes, k, kind == JVP)
+
+
+def _stacked(arrays, batched, k: int) -> list[np.ndarray]:
+    return [
+        a if b else np.broadcast_to(a, (k, *a.shape)) for a, b in zip(arrays, batched)
+    ]
+
+
+def _run_linear(kind, arrays, result_avals, call: Call, batched, src_idx, dst_idx):
+    n = len(call.inputs)
+    if kind == JVP:
+        src = [call.inputs[i].path for i in src_idx]
+        dst_leaves = [call.outputs[j] for j in dst_idx]
+    else:
+        src = [call.outputs[j].path for j in src_idx]
+        dst_leaves = [call.inputs[i] for i in dst_idx]
+    dst = [leaf.path for leaf in dst_leaves]
+    shapes = {leaf.path: leaf.shape for leaf in dst_leaves}
+    endpoint = kind
+
+    def conformed(d: str, x, dtype) -> np.ndarray:
+        return conform(x, str(np.dtype(dtype)), d, endpoint)
+
+    if not any(batched):
+        lin = {s: a[None] for s, a in zip(src, arrays[n:])}
+        out = linear(call, kind, arrays[:n], src, dst, lin, 1, shapes)
+        return [conformed(d, out[d][0], a.dtype) for d, a in zip(dst, result_avals)]
+    k, groups = _groups(arrays, batched, n)
+    outs = [np.empty(a.shape, a.dtype) for a in result_avals]
+    vectors = _stacked(arrays[n:], batched[n:], k)
+    for idx, point in groups:
+        lin = {s: v[idx] for s, v in zip(src, vectors)}
+        out = linear(call, kind, point, src, dst, lin, len(idx), shapes)
+        for o, d in zip(outs, dst):
+            o[idx] = conformed(d, out[d], o.dtype)
+    return outs
+
+
+def run_jvp(arrays, *, result_avals, call, batched, jvp_in, jvp_out):
+    return _run_linear(JVP, arrays, result_avals, call, batched, jvp_in, jvp_out)
+
+
+def run_vjp(arrays, *, result_avals, call, batched, vjp_in, vjp_out):
+    return _run_linear(VJP, arrays, result_avals, call, batched, vjp_out, vjp_in)
