@@ -14,8 +14,8 @@ eager call is sent before anyone asks, so it never needs `/abstract_eval`.
 import dataclasses
 from typing import Any, TYPE_CHECKING
 
-import jax
 import numpy as np
+from jax.core import ShapedArray
 
 from . import _shapes
 from ._client import Client
@@ -78,7 +78,7 @@ class Call:
         return tuple(j for j, leaf in enumerate(self.outputs) if leaf.differentiable)
 
     @property
-    def out_avals(self) -> list[jax.core.ShapedArray]:
+    def out_avals(self) -> list[ShapedArray]:
         return [leaf.aval for leaf in self.outputs]
 
     def payload(self, values: list) -> dict:

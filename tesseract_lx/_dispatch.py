@@ -155,6 +155,12 @@ def linear(call: Call, kind: str, primals, src, dst, lin, k: int, dst_shapes) ->
     """
     client = call.client
     forward = kind == JVP
+    # Each vector in its own leaf's dtype: a float32 Tesseract's JAX VJP refuses a
+    # float64 cotangent (and a server without x64 would lower it anyway).
+    dtypes = {
+        leaf.path: leaf.dtype for leaf in (call.inputs if forward else call.outputs)
+    }
+    lin = {s: np.asarray(lin[s], dtypes[s]) for s in src}
     rules = set(_available(call, kind))
     if not rules:
         return _by_other_direction(call, kind, primals, src, dst, lin, k, dst_shapes)

@@ -89,7 +89,9 @@ def from_response(endpoint: str, status: int, body: bytes, url: str) -> Tesserac
         doc = None
     if isinstance(doc, dict):
         detail = doc.get("detail")
-        error = doc.get("error") if isinstance(doc.get("error"), dict) else {}
+        error = doc.get("error")
+        if not isinstance(error, dict):
+            error = {}
         error_type, traceback = error.get("type"), error.get("traceback")
         if isinstance(detail, list):
             text = _format_422(detail)

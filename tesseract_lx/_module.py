@@ -89,8 +89,8 @@ class TesseractModule(eqx.Module):
         *,
         kind: str = "jvp",
         k: int = 1,
-        wrt: tuple[str, ...] | None = None,
-        of: tuple[str, ...] | None = None,
+        wrt: str | tuple[str, ...] | None = None,
+        of: str | tuple[str, ...] | None = None,
     ) -> Decision:
         """Which rule a batch of `k` items would go by at `inputs`, and why.
 
@@ -99,8 +99,8 @@ class TesseractModule(eqx.Module):
         - `inputs`: the point, as for calling the module.
         - `kind`: `"jvp"` (K tangents), `"vjp"` (K cotangents) or `"apply"` (K points).
         - `k`: the batch size.
-        - `wrt`, `of`: the differentiated input and output paths (default: all
-            differentiable ones).
+        - `wrt`, `of`: the differentiated input and output path, or a tuple of them
+            (default: all differentiable ones).
 
         **Returns:** a `tlx.Decision`, with the estimated cost of each rule the server
         allows. Nothing is recorded and no request is sent (except, once, the
@@ -109,14 +109,27 @@ class TesseractModule(eqx.Module):
         endpoint = {"jvp": JVP, "vjp": VJP, "apply": APPLY}.get(kind)
         if endpoint is None:
             raise ValueError(f"`kind` must be 'jvp', 'vjp' or 'apply', got {kind!r}.")
+        wrt = (wrt,) if isinstance(wrt, str) else wrt
+        of = (of,) if isinstance(of, str) else of
         call, _ = self.prepare(inputs)
         ins = [leaf for leaf in call.inputs if leaf.differentiable]
         outs = [leaf for leaf in call.outputs if leaf.differentiable]
         if wrt is not None:
-            ins = [leaf for leaf in call.inputs if leaf.path in wrt]
+            ins = _select("wrt", wrt, call.inputs)
         if of is not None:
-            outs = [leaf for leaf in call.outputs if leaf.path in of]
+            outs = _select("of", of, call.outputs)
         n_in = sum(math.prod(leaf.shape) for leaf in ins)
         n_out = sum(math.prod(leaf.shape) for leaf in outs)
         size = sum(math.prod(leaf.shape) for leaf in call.inputs)
         return decide(self.client, self.batching, endpoint, k, n_in, n_out, size)
+
+
+def _select(name: str, wanted: tuple[str, ...], leaves) -> list:
+    known = {leaf.path: leaf for leaf in leaves}
+    unknown = [p for p in wanted if p not in known]
+    if unknown:
+        raise ValueError(
+            f"`{name}`: no array at {', '.join(map(repr, unknown))}; there are: "
+            f"{', '.join(map(repr, known))}."
+        )
+    return [known[p] for p in wanted]

@@ -102,7 +102,7 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
                     f"The vector for `{p}` must have shape {s.shape}, got "
                     f"{jnp.shape(x)}."
                 )
-        return [jnp.asarray(x, s.dtype) for x in leaves]
+        return [jnp.asarray(x, s.dtype) for x, s in zip(leaves, structure)]
 
     def in_structure(self):
         ins, outs = self._structure
@@ -257,7 +257,7 @@ class TesseractLinearOperator(AbstractTesseractOperator):
     transposed: bool = eqx.field(static=True)
     _structure: tuple = eqx.field(static=True)
 
-    __init__ = TesseractJacobianOperator.__init__
+    __init__ = TesseractJacobianOperator.__init__  # pyright: ignore[reportAssignmentType]
     transpose = TesseractJacobianOperator.transpose
 
     def mv(self, vector):

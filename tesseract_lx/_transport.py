@@ -85,12 +85,14 @@ class HTTPTransport:
         url = f"{self.url}/{endpoint}"
         timeout = (self.timeouts.connect, self.timeouts.read)
         delay = _BACKOFF
+        error: Exception | None = None
+        reason = ""
         for attempt in range(_RETRIES + 1):
             try:
                 r = self._session().request(method, url, data=body, timeout=timeout)
                 return Response(r.status_code, r.content)
             except requests.ConnectTimeout as e:
-                error: Exception = e
+                error = e
                 reason = (
                     f"cannot connect to {self.url} within the connect timeout of "
                     f"{self.timeouts.connect} s"

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orjson
+from jax.core import ShapedArray, Tracer
 
 from ._wire import paths
 from ._wire.schema import (
@@ -81,8 +82,8 @@ class Leaf:
     number: bool = False
 
     @property
-    def aval(self) -> jax.core.ShapedArray:
-        return jax.core.ShapedArray(self.shape, np.dtype(self.dtype))
+    def aval(self) -> ShapedArray:
+        return ShapedArray(self.shape, np.dtype(self.dtype))
 
 
 _NUMBER_DTYPES = {"integer": "int64", "number": "float64", "boolean": "bool"}
@@ -94,7 +95,7 @@ def canonical_dtype(dtype: Any) -> np.dtype:
 
 
 def _is_tracer(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
+    return isinstance(x, Tracer)
 
 
 def _is_arraylike(x: Any) -> bool:

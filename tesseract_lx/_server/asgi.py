@@ -20,6 +20,7 @@ the worker with uvicorn's startup-failure status, so that uvicorn does not resta
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 from fastapi import FastAPI
 from uvicorn.config import STARTUP_FAILURE
@@ -64,7 +65,7 @@ def create_app_from_env() -> FastAPI:
         _fail(f"cannot serve `{path}`: {type(e).__name__}: {e}")
 
 
-def _fail(message: str):
+def _fail(message: str) -> NoReturn:
     print(f"tesseract-lx: {message}", file=sys.stderr, flush=True)
     sys.exit(STARTUP_FAILURE)
 

@@ -77,7 +77,7 @@ def _jvp_models(In: type, Out: type, max_batch: int) -> tuple[type, type]:
     out_dict = Out.model_fields["root"].annotation
 
     class BatchedJVPInputSchema(In):
-        tangent_vector: vec_ann = Field(
+        tangent_vector: vec_ann = Field(  # pyright: ignore[reportInvalidTypeForm]
             ...,
             description=(
                 "A batch of tangent vectors: `{jvp_inputs: array}`, each array of "
@@ -113,7 +113,7 @@ def _jvp_models(In: type, Out: type, max_batch: int) -> tuple[type, type]:
             return out
 
     class BatchedJVPOutputSchema(RootModel):
-        root: out_dict = Field(
+        root: out_dict = Field(  # pyright: ignore[reportInvalidTypeForm]
             ...,
             description="`{jvp_outputs: array}`, each of shape `(K, *output_shape)`.",
         )
@@ -128,7 +128,7 @@ def _vjp_models(
     out_dict = Out.model_fields["root"].annotation
 
     class BatchedVJPInputSchema(In):
-        cotangent_vector: vec_ann = Field(
+        cotangent_vector: vec_ann = Field(  # pyright: ignore[reportInvalidTypeForm]
             ...,
             description=(
                 "A batch of cotangent vectors: `{vjp_outputs: array}`, each array of "
@@ -172,7 +172,7 @@ def _vjp_models(
             return out
 
     class BatchedVJPOutputSchema(RootModel):
-        root: out_dict = Field(
+        root: out_dict = Field(  # pyright: ignore[reportInvalidTypeForm]
             ..., description="`{vjp_inputs: array}`, each of shape `(K, *input_shape)`."
         )
 
@@ -226,7 +226,7 @@ def batched_gradient_endpoint(
                 return None
             return jax.vmap(lin)(vec)
         try:
-            return jax.vmap(lambda v: raw_fn(inputs, ins, outs, v))(vec)
+            return jax.vmap(lambda v: raw_fn(inputs, set(ins), set(outs), v))(vec)
         except Exception:
             return None
 
@@ -240,12 +240,16 @@ def batched_gradient_endpoint(
         def loop() -> dict:
             return _stack(
                 [
-                    cached_fn(inputs, ins, outs, {p: v[i] for p, v in vec.items()})
+                    # Fresh sets per call: some Tesseracts `pop` from them.
+                    cached_fn(
+                        inputs, set(ins), set(outs), {p: v[i] for p, v in vec.items()}
+                    )
                     for i in range(k)
                 ]
             )
 
         if mode == "own":
+            assert own_fn is not None
             out = own_fn(inputs, ins, outs, vec)
         elif mode == "vmap":
             out = vmapped(inputs, ins, outs, vec)

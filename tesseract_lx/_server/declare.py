@@ -91,7 +91,7 @@ class ServerState:
         self.cache = cache
         self.settings = settings
         self.cache_off = cache_off
-        self.precision = precision
+        self.precision: Precision | None = precision
         self.workers = workers
         self.max_batch = max_batch
         self.max_body_bytes = max_body_bytes

@@ -46,7 +46,9 @@ def _through_cache(
                 "jvp", jvp, inputs, jvp_inputs, jvp_outputs, tangent_vector
             )
 
-        wrapped.jacobian_vector_product = functools.wraps(jvp)(jacobian_vector_product)
+        wrapped.__dict__["jacobian_vector_product"] = functools.wraps(jvp)(
+            jacobian_vector_product
+        )
     vjp = getattr(api_module, "vector_jacobian_product", None)
     if vjp is not None:
 
@@ -55,7 +57,9 @@ def _through_cache(
                 "vjp", vjp, inputs, vjp_inputs, vjp_outputs, cotangent_vector
             )
 
-        wrapped.vector_jacobian_product = functools.wraps(vjp)(vector_jacobian_product)
+        wrapped.__dict__["vector_jacobian_product"] = functools.wraps(vjp)(
+            vector_jacobian_product
+        )
     return wrapped
 
 
@@ -105,7 +109,7 @@ def output_shapes_fn(api_module: types.ModuleType) -> Callable[[Any], Any]:
         try:
             payload = AbsIn.model_validate(abstract)
             shapes = AbsOut.model_validate(
-                api_module.abstract_eval(payload.inputs)
+                api_module.abstract_eval(getattr(payload, "inputs"))
             ).model_dump()
         except Exception:
             shapes = None

@@ -26,7 +26,7 @@ def encode_array(x: Any) -> dict:
     arr = np.asarray(x)
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
-    return _dump_base64_arraydict(arr)
+    return dict(_dump_base64_arraydict(arr))
 
 
 def is_encoded_array(x: Any) -> bool:
@@ -37,7 +37,7 @@ def decode_array(d: dict) -> np.ndarray:
     """A base64 (or plain JSON) array dict as a NumPy array."""
     encoding = d["data"].get("encoding")
     if encoding == "base64":
-        return _load_base64_arraydict(d)
+        return _load_base64_arraydict(d)  # pyright: ignore[reportArgumentType]
     if encoding in ("json", "raw"):
         return np.asarray(d["data"]["buffer"], dtype=d["dtype"]).reshape(d["shape"])
     raise ValueError(f"Unsupported array encoding {encoding!r} in a response.")
