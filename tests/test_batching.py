@@ -18,6 +18,7 @@ from helpers import (
     has_batched,
     JVP,
     linear_counts,
+    schema_fixes_outputs,
     size,
     STRATEGIES,
     TRANSPORTS,
@@ -301,3 +302,30 @@ def test_concurrent_over_a_pool_of_urls(served):
     # Round robin: the apply went to one replica, the 4 JVPs two to each.
     assert _cache_requests(lx_server) - before == 2
     pool.close()
+
+
+@pytest.mark.parametrize("tesseract", ["bratu"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_auto_explains_before_it_decides(client, case, transport):
+    """`explain` sends no request and names the rule the batch then goes by."""
+    f = tlx.TesseractModule(client, batching=tlx.Auto())
+    inputs = case.inputs()
+    u = inputs["u"]
+    before = f.explain(inputs, kind="jvp", k=4, wrt="u", of="residual")
+    assert before.chosen == min(before.estimates, key=before.estimates.get)
+    assert before.k == 4 and "K=4" in before.reason
+    assert ("batched" in before.estimates) == has_batched(transport)
+    assert not client.decisions
+    # Only what a traced call at these shapes needs too: the output shapes.
+    assert client.stats == (
+        {} if schema_fixes_outputs(client) else {"abstract_eval": 1}
+    )
+    g = lambda u: f({**inputs, "u": u})["residual"]
+    batch = _stack(u, 4)
+    jax.vmap(lambda t: jax.jvp(g, (u,), (t,))[1])(batch)
+    (decision,) = client.decisions
+    assert decision.chosen == before.chosen
+    with pytest.raises(ValueError, match="`wrt`: no array at 'v'"):
+        f.explain(inputs, wrt="v")
+    points = f.explain(inputs, kind="apply", k=3)
+    assert points.chosen == ("batched" if has_batched(transport) else "sequential")
