@@ -1,5 +1,6 @@
 """Served Tesseracts as first-class citizens of JAX, lineax, optimistix and Equinox."""
 
+from ._apply import apply_tesseract as apply_tesseract
 from ._batching import (
     AbstractBatching as AbstractBatching,
     Auto as Auto,

@@ -78,7 +78,13 @@ class Batched(AbstractBatching):
 class Auto(AbstractBatching):
     """The cheapest rule the server allows, from a cost model fed by measured
     latencies. Every choice is recorded, with its estimates, in `client.decisions`;
-    `TesseractModule.explain` gives it before anything is sent."""
+    `TesseractModule.explain` gives it before anything is sent.
+
+    `jacobian=False` never materialises the Jacobian (one `/jacobian` for K
+    tangents): for a Jacobian too large to fetch, whatever K.
+    """
+
+    jacobian: bool = eqx.field(static=True, default=True)
 
 
 _SHORTHANDS = {
@@ -204,6 +210,8 @@ def decide(
     if named is not None and named in allowed:
         return Decision(kind, k, named, {}, f"K={k}: `{named}`, as asked")
     costs = estimate_costs(client, kind, k, n_in, n_out, size)
+    if isinstance(rule, Auto) and not rule.jacobian and len(costs) > 1:
+        costs.pop("jacobian", None)
     if kind == APPLY:
         # Points: one batched request beats any number of round trips; a stock
         # server gets them in flight at once when it has the workers.

@@ -34,6 +34,9 @@ class Call:
     inputs: tuple[Leaf, ...]
     batching: "AbstractBatching"
     strict_dtype: bool
+    # How a batch of primal points goes: "auto" (ours), or tesseract-jax's
+    # `vmap_method` (`None`: refused; "sequential", "expand_dims", ...).
+    points: str | None = "auto"
 
     def _key(self) -> tuple:
         return (
@@ -42,6 +45,7 @@ class Call:
             self.inputs,
             self.batching,
             self.strict_dtype,
+            self.points,
         )
 
     def __hash__(self) -> int:
@@ -113,8 +117,9 @@ def make_call(
     leaves: tuple[Leaf, ...],
     batching: "AbstractBatching",
     strict_dtype: bool,
+    points: str | None = "auto",
 ) -> Call:
     """The call for these inputs. Sends nothing; refuses a server that computes
     below its declared precision (`_dtypes.check_precision`)."""
     check_precision(client, strict_dtype)
-    return Call(client, template, leaves, batching, strict_dtype)
+    return Call(client, template, leaves, batching, strict_dtype, points)

@@ -13,6 +13,7 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -21,7 +22,7 @@ import orjson
 
 from ._errors import from_response, TesseractError, TesseractServerError
 from ._latency import Latencies
-from ._transport import ASGITransport, HTTPTransport, Timeouts
+from ._transport import ASGITransport, HTTPTransport, TesseractTransport, Timeouts
 from ._wire.encoding import ACCEPT, decode_tree, encode_tree
 from ._wire.schema import parse_openapi, Schema
 from ._wire.spec import Capabilities
@@ -142,21 +143,40 @@ class Client:
         return obj
 
     @classmethod
+    def from_tesseract(cls, tesseract: Any, *, timeout: float = 120.0) -> "Client":
+        """A client whose requests go through a `tesseract_core.Tesseract`'s own
+        methods (`apply`, `jacobian_vector_product`, ...): served by URL, or loaded in
+        process with `Tesseract.from_tesseract_api`. Subclasses, wrappers and
+        instrumentation of that object see every call.
+
+        **Arguments:**
+
+        - `tesseract`: the `tesseract_core.Tesseract`.
+        - `timeout`: seconds to wait for each call.
+        """
+        if not hasattr(tesseract, "openapi_schema") or not hasattr(tesseract, "apply"):
+            raise TypeError(
+                "Expected a `tesseract_core.Tesseract` (from_url / from_image / "
+                f"from_tesseract_api), got {type(tesseract).__name__}."
+            )
+        obj = cls.__new__(cls)
+        obj._init([TesseractTransport(tesseract, timeout)], None)
+        return obj
+
+    @classmethod
     def wrap(cls, obj: "Client | Any") -> "Client":
-        """`obj` itself if a `Client`; a `Client` for a `tesseract_core.Tesseract`."""
+        """`obj` itself if a `Client`; for a `tesseract_core.Tesseract`, the one client
+        of that object (`from_tesseract`), so its `stats` add up across modules."""
         if isinstance(obj, Client):
             return obj
-        inner = getattr(obj, "_client", None)
-        url = getattr(inner, "url", None) or getattr(inner, "_url", None)
-        if isinstance(url, str) and url.startswith("http"):
-            return cls(url, timeout=getattr(inner, "_timeout", None) or 120.0)
-        module = getattr(inner, "api_module", None)
-        if isinstance(module, ModuleType):
-            return cls.from_api(module)
-        raise TypeError(
-            "Expected a `tesseract_lx.Client` or a `tesseract_core.Tesseract` "
-            f"(from_url / from_tesseract_api), got {type(obj).__name__}."
-        )
+        with _WRAP_LOCK:
+            try:
+                client = _WRAPPED.get(obj)
+            except TypeError:  # not weakly referenceable, or unhashable
+                return cls.from_tesseract(obj)
+            if client is None:
+                client = _WRAPPED[obj] = cls.from_tesseract(obj)
+            return client
 
     def __repr__(self) -> str:
         return f"Client({', '.join(self.urls)})"
@@ -291,4 +311,7 @@ class Client:
         self.close()
 
 
+# One client per `tesseract_core.Tesseract` object, for as long as the object lives.
+_WRAPPED: "weakref.WeakKeyDictionary[Any, Client]" = weakref.WeakKeyDictionary()
+_WRAP_LOCK = threading.Lock()
 _HEADERS = {"Content-Type": "application/json", "Accept": ACCEPT}

@@ -19,7 +19,11 @@ from ._call import Call
 from ._dtypes import conform
 from ._tree import flatten_outputs
 from ._wire import paths
+from ._wire.schema import ArrayNode, node_at
 from ._wire.spec import APPLY, BATCHED_APPLY, JACOBIAN, JVP, VJP
+
+
+STACKED = ("expand_dims", "broadcast_all", "auto_experimental")
 
 
 def _size(arrays) -> int:
@@ -86,6 +90,9 @@ def run_apply(arrays, *, result_avals, call: Call, batched) -> list[np.ndarray]:
         payload = {"inputs": call.payload(arrays)}
         response = client.request(APPLY, payload, size=_size(arrays))
         return _pick(call, response, APPLY)
+    stacking = _stacking(call, batched)
+    if stacking is not None:
+        return _apply_stacked(call, arrays, batched, stacking)
     n = len(arrays)
     _, groups = _groups(arrays, batched, n)
     size = _size(groups[0][1])
@@ -112,6 +119,59 @@ def run_apply(arrays, *, result_avals, call: Call, batched) -> list[np.ndarray]:
     for (idx, _), response in zip(groups, responses):
         for o, v in zip(outs, _pick(call, response, endpoint)):
             o[idx] = v
+    return outs
+
+
+def _stacking(call: Call, batched) -> str | None:
+    """tesseract-jax's stacked `vmap_method` this batch goes by, if any.
+
+    Never for a batched number field (a plain number on the wire), and never in
+    place of a server that says it takes a batch of points (`/batched_apply`):
+    `"auto_experimental"` then defers to it.
+    """
+    method = call.points
+    live = [leaf for leaf, b in zip(call.inputs, batched) if b]
+    if method not in STACKED or any(leaf.number for leaf in live):
+        return None
+    if method != "auto_experimental":
+        return method
+    if call.client.schema.has(BATCHED_APPLY):
+        return None
+    # tesseract-jax's guess: every batched input differentiable and of any rank.
+    any_rank = all(
+        leaf.differentiable
+        and isinstance(node := node_at(call.client.schema.inputs, leaf.path), ArrayNode)
+        and node.shape is None
+        for leaf in live
+    )
+    return "expand_dims" if any_rank else None
+
+
+def _apply_stacked(call: Call, arrays, batched, method: str) -> list[np.ndarray]:
+    """K points stacked on a new leading axis, in one `/apply`."""
+    k = next(a.shape[0] for a, b in zip(arrays, batched) if b)
+    stacked = []
+    for leaf, a, b in zip(call.inputs, arrays, batched):
+        if not b and not leaf.number:
+            a = (
+                a[None]
+                if method == "expand_dims"
+                else np.broadcast_to(a, (k, *a.shape))
+            )
+        stacked.append(a)
+    payload = {"inputs": call.payload(stacked)}
+    response = call.client.request(APPLY, payload, size=_size(stacked), k=k)
+    outs = []
+    for leaf in call.outputs:
+        value = conform(paths.get(response, leaf.path), leaf.dtype, leaf.path, APPLY)
+        if value.shape[1:] != leaf.shape or value.shape[:1] not in ((k,), (1,)):
+            raise ValueError(
+                f"`vmap_method={method!r}`: `/apply` of {k} stacked points answered "
+                f"`{leaf.path}` with shape {value.shape}, not ({k}, *{leaf.shape}): "
+                "this Tesseract does not map over a leading axis; use "
+                "`vmap_method='sequential'`."
+            )
+        outs.append(np.broadcast_to(value, (k, *leaf.shape)))
     return outs
 
 

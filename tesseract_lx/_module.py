@@ -12,6 +12,17 @@ from ._primitive import apply_p
 from ._wire.spec import APPLY, JVP, VJP
 
 
+# "auto" is ours; the others are tesseract-jax's `vmap_method`s, with its meaning.
+VMAP_METHODS = (
+    "auto",
+    None,
+    "sequential",
+    "expand_dims",
+    "broadcast_all",
+    "auto_experimental",
+)
+
+
 class TesseractModule(eqx.Module):
     """A served Tesseract as a JAX function of its inputs.
 
@@ -24,6 +35,15 @@ class TesseractModule(eqx.Module):
         `"auto"`, `"sequential"`, `"concurrent"`, `"jacobian"`, `"batched"`.
     - `strict_dtype`: when the server says it computes in a lower precision than its
         schema declares, refuse before any request (`True`) or warn (`False`).
+    - `vmap_method`: how `jax.vmap` over primal points goes. `"auto"` (the default):
+        one `/batched_apply` where the server says it takes a batch of points, else
+        one request per point (by `batching`). tesseract-jax's methods mean what they
+        mean there: `None` refuses `vmap` over points; `"sequential"` is one request
+        per point; `"expand_dims"` / `"broadcast_all"` send the points stacked in one
+        `/apply`, trusting the Tesseract to map over a leading axis;
+        `"auto_experimental"` does so when every batched differentiable input is
+        `Array[..., dtype]`. Batches of (co)tangents go by `batching` whatever this
+        says.
 
     Inputs and outputs are plain containers shaped as the Tesseract's schema says:
     models as dicts, `list[...]` as lists, `dict[str, ...]` as dicts, optionals as a
@@ -49,6 +69,7 @@ class TesseractModule(eqx.Module):
     client: Client = eqx.field(static=True)
     batching: AbstractBatching = eqx.field(static=True)
     strict_dtype: bool = eqx.field(static=True)
+    vmap_method: str | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -56,10 +77,17 @@ class TesseractModule(eqx.Module):
         batching: AbstractBatching | str = "auto",
         *,
         strict_dtype: bool = True,
+        vmap_method: str | None = "auto",
     ):
+        if vmap_method not in VMAP_METHODS:
+            raise ValueError(
+                f"`vmap_method={vmap_method!r}` is not a vmap method; choose one of "
+                f"{', '.join(map(repr, VMAP_METHODS))}."
+            )
         self.client = Client.wrap(client)
         self.batching = as_rule(batching)
         self.strict_dtype = strict_dtype
+        self.vmap_method = vmap_method
 
     @property
     def schema(self):
@@ -72,7 +100,12 @@ class TesseractModule(eqx.Module):
         """
         template, leaves, values = flatten(self.client, inputs)
         call = make_call(
-            self.client, template, leaves, self.batching, self.strict_dtype
+            self.client,
+            template,
+            leaves,
+            self.batching,
+            self.strict_dtype,
+            self.vmap_method,
         )
         return call, values
 

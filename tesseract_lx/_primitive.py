@@ -226,6 +226,16 @@ ad.primitive_transposes[vjp_p] = functools.partial(_transpose, "vjp")
 
 
 def _batch_rule(prim, args, dims, *, batched, **params):
+    call = params["call"]
+    if call.points is None and any(d is not None for d in dims[: len(call.inputs)]):
+        raise NotImplementedError(
+            "`jax.vmap` over the inputs of a Tesseract call made with "
+            "`vmap_method=None`: pass `vmap_method=` one of 'sequential' (one "
+            "request per point), 'expand_dims' or 'broadcast_all' (the points "
+            "stacked in one request, for a Tesseract that maps over a leading axis), "
+            "'auto_experimental', or use `tesseract_lx.TesseractModule`, which asks "
+            "the server whether it takes a batch."
+        )
     k_new = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     # The size of the axis folded in by an inner vmap: the operand's logical axis 0,
     # which is physical axis 1 when this vmap's axis sits in front of it.

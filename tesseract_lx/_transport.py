@@ -1,4 +1,5 @@
-"""How request bytes reach a server: over HTTP, or into an app in this process.
+"""How request bytes reach a server: over HTTP, into an app in this process, or
+through a `tesseract_core.Tesseract` object's own methods.
 
 Both transports take and return bytes, so encoding, decoding and error handling are
 the client's alone and identical for both.
@@ -16,15 +17,21 @@ name, as uvicorn loads apps: the client side has no import of the server package
 """
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import importlib
+import re
 import threading
 import time
 from typing import Any
 
+import orjson
+import pydantic
 import requests
 
 from ._errors import TesseractConnectionError
+from ._wire.encoding import decode_tree, encode_tree
+from ._wire.spec import error_body
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,3 +214,95 @@ class ASGITransport:
         for loop in loops:
             if not loop.is_running():
                 loop.close()
+
+
+_REMOTE_ERROR = re.compile(r"^Error (\d{3}) from Tesseract: (.*)$", re.DOTALL)
+
+
+class TesseractTransport:
+    """Calls a `tesseract_core.Tesseract`'s own methods (`apply`, `jacobian`, ...), so
+    that a user's subclass, wrapper or instrumentation of it sees every call.
+
+    Payloads are decoded to NumPy before the call and the answer encoded after it:
+    the client above sees the same bytes as from a server. Exceptions become the
+    answer a server would give: the remote status and body for a served Tesseract, a
+    422 for a validation error, a 500 naming the exception for one raised in process.
+    Every call has the client's read timeout (the Tesseract object has none of its
+    own by default); a call that times out keeps running in its thread.
+    """
+
+    def __init__(self, tesseract: Any, timeout: float):
+        self.tesseract = tesseract
+        inner = getattr(tesseract, "_client", None)
+        url = getattr(inner, "url", None)
+        self.url = url if isinstance(url, str) else f"tesseract:{type(inner).__name__}"
+        self.timeout = timeout
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=8, thread_name_prefix="tesseract_lx-object"
+        )
+
+    def _call(self, endpoint: str, payload: dict) -> Any:
+        t = self.tesseract
+        if endpoint == "apply":
+            return t.apply(payload["inputs"])
+        if endpoint == "abstract_eval":
+            return t.abstract_eval(payload["inputs"])
+        if endpoint == "jacobian":
+            return t.jacobian(
+                payload["inputs"], payload["jac_inputs"], payload["jac_outputs"]
+            )
+        if endpoint == "jacobian_vector_product":
+            return t.jacobian_vector_product(
+                payload["inputs"],
+                payload["jvp_inputs"],
+                payload["jvp_outputs"],
+                payload["tangent_vector"],
+            )
+        if endpoint == "vector_jacobian_product":
+            return t.vector_jacobian_product(
+                payload["inputs"],
+                payload["vjp_inputs"],
+                payload["vjp_outputs"],
+                payload["cotangent_vector"],
+            )
+        # The batched endpoints have no method: through the object's own client.
+        return t._client.run_tesseract(endpoint, payload)
+
+    def _answer(self, method: str, endpoint: str, body: bytes | None) -> Response:
+        if endpoint == "openapi.json":
+            return Response(200, orjson.dumps(self.tesseract.openapi_schema))
+        if endpoint == "health":
+            return Response(200, orjson.dumps(self.tesseract.health()))
+        payload = decode_tree(orjson.loads(body or b"{}"))
+        result = self._call(endpoint, payload)
+        return Response(
+            200, orjson.dumps(encode_tree(result), option=orjson.OPT_SERIALIZE_NUMPY)
+        )
+
+    def send(self, method: str, endpoint: str, body: bytes | None = None) -> Response:
+        future = self._pool.submit(self._answer, method, endpoint, body)
+        try:
+            return future.result(timeout=self.timeout)
+        except concurrent.futures.TimeoutError:
+            raise TesseractConnectionError(
+                endpoint, None, f"no answer within {self.timeout} s", self.url
+            ) from None
+        except pydantic.ValidationError as e:
+            return Response(422, orjson.dumps({"detail": str(e)}))
+        except requests.ConnectionError as e:
+            raise TesseractConnectionError(
+                endpoint, None, f"cannot connect to {self.url}: {e}", self.url
+            ) from e
+        except NotImplementedError as e:
+            return Response(404, orjson.dumps({"detail": str(e)}))
+        except Exception as e:
+            remote = (
+                _REMOTE_ERROR.match(str(e)) if isinstance(e, RuntimeError) else None
+            )
+            if remote is not None:
+                return Response(int(remote.group(1)), remote.group(2).encode())
+            error = error_body(endpoint, type(e).__name__, str(e), None)
+            return Response(500, orjson.dumps(error))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
