@@ -14,7 +14,9 @@ import pytest
 import tesseract_lx as tlx
 from tesseract_core import Tesseract
 
-from helpers import CASES, PARTIAL, tree_allclose
+from helpers import CASES, PARTIAL, PARTIAL_CASES, tree_allclose
+from schema_cases import containers_diff_out, get_path, SCHEMA_CASES, set_path
+from test_schemas import assert_outputs, RTOL
 
 
 TRANSPORTS = ("stock", "tlx", "inprocess")
@@ -235,3 +237,114 @@ def test_jac_bwd_operator_with_gmres(bratu):
     stats = _stats(t)
     assert set(stats) <= {"abstract_eval", "jacobian_vector_product"}
     assert stats["jacobian_vector_product"] > 0
+
+
+@pytest.mark.parametrize("name", list(SCHEMA_CASES))
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_any_schema(served, name, transport):
+    """Lists, dicts, optionals, statics in and out, mixed dtypes, outputs that do not
+    depend on every input: one `/apply`, every output."""
+    case = SCHEMA_CASES[name]
+    t, calls = _tesseract(served, case.path, transport)
+    inputs = case.make_inputs()
+    assert_outputs(tlx.apply_tesseract(t, inputs), case.ref(inputs), RTOL[name])
+    assert calls == ["apply"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_gradient_wrt_list_items_and_dict_entries(served, transport):
+    case = SCHEMA_CASES["containers"]
+    t, _ = _tesseract(served, case.path, transport)
+    inputs = case.make_inputs()
+    paths = ("xs.[1]", "fields.{a}", "s")
+
+    def loss(apply):
+        def fn(leaves):
+            new = inputs
+            for p in paths:
+                new = set_path(new, p, leaves[p])
+            out = containers_diff_out(apply(new))
+            return sum(jnp.sum(x**2) for x in jax.tree.leaves(out))
+
+        return fn
+
+    leaves = {p: jnp.asarray(get_path(inputs, p)) for p in paths}
+    got = jax.grad(loss(lambda x: tlx.apply_tesseract(t, x)))(leaves)
+    assert tree_allclose(got, jax.grad(loss(case.ref))(leaves))
+
+
+@pytest.mark.parametrize("name", ["bratu_vjp_only", "bratu_jacobian_only"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_some_derivative_endpoints_only(served, name, transport):
+    case = PARTIAL_CASES[name]
+    t, _ = _tesseract(served, case.path, transport)
+    inputs = case.inputs()
+
+    def both(apply):
+        g = lambda u: apply({**inputs, "u": u})["residual"]
+        return jax.jacfwd(g)(inputs["u"]), jax.jacrev(g)(inputs["u"])
+
+    assert tree_allclose(both(lambda x: tlx.apply_tesseract(t, x)), both(case.ref))
+
+
+def test_identical_calls_under_jit_are_sent_once(served):
+    case = CASES["pytree"]
+    t, calls = _tesseract(served, case.path, "tlx")
+    inputs = case.inputs()
+    f = lambda x: tlx.apply_tesseract(t, {**inputs, "x": x})
+    twice = jax.jit(lambda x: f(x)["y"] + f(x)["y"])
+    assert tree_allclose(twice(inputs["x"]), 2 * case.ref(inputs)["y"])
+    assert calls.count("apply") == 1
+    # An output nobody reads is not asked for: a call whose result is unused, none.
+    calls.clear()
+    unused = jax.jit(lambda x: (f(x), 2 * x)[1])
+    assert tree_allclose(unused(inputs["x"]), 2 * inputs["x"])
+    assert calls == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_auto_experimental(served, transport):
+    """tesseract-jax's guess, only where the server has not said: stacked for
+    `Array[..., dtype]` inputs, one point at a time for fixed ranks."""
+    t, calls = _tesseract(served, ELEMENTWISE, transport)
+    rng = np.random.default_rng(3)
+    xs = jnp.asarray(rng.uniform(1.0, 2.0, (3, 5)))
+    a_s = jnp.asarray(rng.uniform(size=(3, 5)))
+    run = lambda x, a: tlx.apply_tesseract(
+        t, {"x": x, "a": a}, vmap_method="auto_experimental"
+    )
+    got = jax.vmap(run)(xs, a_s)
+    assert tree_allclose(got, jax.vmap(_elementwise_ref)(xs, a_s))
+    sent = {"batched_apply": 1} if transport == "tlx" else {"apply": 1}
+    assert _stats(t) == {"abstract_eval": 1, **sent}
+
+    case = CASES["bratu"]
+    b, _ = _tesseract(served, case.path, transport)
+    inputs = case.inputs()
+    points = jnp.stack([inputs["u"], inputs["u"] + 1])
+    g = lambda apply, **kw: jax.vmap(lambda u: apply({**inputs, "u": u}, **kw))(points)
+    got = g(lambda x: tlx.apply_tesseract(b, x, vmap_method="auto_experimental"))
+    assert tree_allclose(got, g(case.ref))
+    sent = {"batched_apply": 1} if transport == "tlx" else {"apply": 2}
+    assert _stats(b) == {"abstract_eval": 1, **sent}
+
+
+def test_second_derivatives_are_refused(bratu):
+    _, t, _ = bratu
+    inputs = CASES["bratu"].inputs()
+    g = lambda u: tlx.apply_tesseract(t, {**inputs, "u": u})["residual"]
+    loss = lambda u: jnp.sum(g(u) ** 2)
+    with pytest.raises(NotImplementedError, match="first derivatives only"):
+        jax.hessian(loss)(inputs["u"])
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_tesseracts_own_error(served, transport):
+    t, _ = _tesseract(served, PARTIAL / "raising" / "tesseract_api.py", transport)
+    with pytest.raises(tlx.TesseractServerError) as info:
+        tlx.apply_tesseract(t, {"x": jnp.array([-1.0, 2.0])})
+    assert info.value.status == 500 and info.value.endpoint == "apply"
+    if transport == "stock":
+        assert "TESSERACT_DEBUG=1" in str(info.value)
+    else:
+        assert "ValueError: x[0] must be >= 0" in str(info.value)

