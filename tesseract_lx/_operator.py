@@ -299,13 +299,6 @@ def _(operator):
     return jnp.diag(matrix, -1), jnp.diag(matrix), jnp.diag(matrix, 1)
 
 
-def _has(tag):
-    def check(operator):
-        return tag in operator.tags
-
-    return check
-
-
 for _fn, _tags in (
     (lx.is_symmetric, (lx.symmetric_tag, lx.diagonal_tag)),
     (lx.is_diagonal, (lx.diagonal_tag,)),

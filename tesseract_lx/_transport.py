@@ -158,15 +158,16 @@ class ASGITransport:
 
     async def _call(self, method: str, endpoint: str, body: bytes) -> Response:
         headers = [*self.headers, (b"content-length", str(len(body)).encode())]
+        path, _, query = f"/{endpoint}".partition("?")
         scope = {
             "type": "http",
             "asgi": {"version": "3.0"},
             "http_version": "1.1",
             "method": method,
             "scheme": "http",
-            "path": f"/{endpoint}",
-            "raw_path": f"/{endpoint}".encode(),
-            "query_string": b"",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
             "root_path": "",
             "headers": headers,
             "client": ("127.0.0.1", 0),

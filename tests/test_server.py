@@ -8,7 +8,6 @@ ASGI call (`_asgi`), as the client's in-process transport drives them. Results a
 compared with pure NumPy/JAX references of the same maths.
 """
 
-import asyncio
 import concurrent.futures
 import json
 import os
@@ -29,6 +28,7 @@ from tesseract_core import Tesseract
 from tesseract_core.runtime.core import load_module_from_path
 from tesseract_core.runtime.serve import create_rest_api
 from tesseract_lx._server import create_app
+from tesseract_lx._transport import ASGITransport
 from tesseract_lx._wire.encoding import ACCEPT, decode_tree, encode_tree
 from tesseract_lx._wire.spec import Capabilities
 
@@ -267,54 +267,13 @@ def _ok(url: str, endpoint: str, payload: Any) -> Any:
 def _asgi(app, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
     """One request to an ASGI app, in this thread, without a socket."""
     body = b"" if payload is None else json.dumps(encode_tree(payload)).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"accept", ACCEPT.encode()),
-    ]
-    path, _, query = path.partition("?")
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 0),
-        "server": ("in-process", 0),
-    }
-    status, chunks = None, []
-
-    async def run():
-        nonlocal status
-        done = asyncio.Event()
-        sent = False
-
-        async def receive():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await done.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    done.set()
-
-        await app(scope, receive, send)
-
-    asyncio.run(run())
-    return status, decode_tree(json.loads(b"".join(chunks)))
+    headers = {"Content-Type": "application/json", "Accept": ACCEPT}
+    transport = ASGITransport(app, "in-process", headers)
+    try:
+        response = transport.send(method, path.lstrip("/"), body)
+    finally:
+        transport.close()
+    return response.status, decode_tree(json.loads(response.content))
 
 
 _APPS: dict[tuple, Any] = {}

@@ -69,114 +69,106 @@ def _cast(arr: Any, dtype: Any, where: str) -> np.ndarray:
     return arr.astype(dtype)
 
 
-def _jvp_models(In: type, Out: type, max_batch: int) -> tuple[type, type]:
-    vec_ann = In.model_fields["tangent_vector"].annotation
+# Per direction: the vector field, the paths it is keyed by, the paths of the result,
+# and what the vector's arrays are shaped like.
+_FIELDS = {
+    "jvp": ("tangent_vector", "jvp_inputs", "jvp_outputs", "input"),
+    "vjp": ("cotangent_vector", "vjp_outputs", "vjp_inputs", "output"),
+}
+
+
+def _models(
+    kind: str, In: type, Out: type, max_batch: int, reference: Callable
+) -> tuple[type, type]:
+    """The payload and result models of a batched endpoint: tesseract-core's own
+    (`In`, `Out`), with one leading batch axis on the vector's arrays.
+
+    `reference(inputs, path)` is the `(shape, dtype)` of one unbatched array of the
+    vector at `path`, or `None` when it cannot be told (then only the batch is checked).
+    """
+    vec_f, keys_f, result_f, side = _FIELDS[kind]
     # tesseract-core's response root is `Annotated[dict[...], AfterValidator]`; pydantic
     # keeps the validator (which checks unbatched shapes) in the field's metadata, so
     # the annotation alone is the dict type.
     out_dict = Out.model_fields["root"].annotation
 
-    class BatchedJVPInputSchema(In):
-        tangent_vector: vec_ann = Field(  # pyright: ignore[reportInvalidTypeForm]
-            ...,
-            description=(
-                "A batch of tangent vectors: `{jvp_inputs: array}`, each array of "
-                "shape `(K, *input_shape)`, with one common batch size "
-                f"`1 <= K <= {max_batch}` (`max_batch`)."
-            ),
-        )
-
-        # Same name as tesseract-core's validator, so that this one replaces it.
-        @field_validator("tangent_vector", mode="after")
-        @classmethod
-        def validate_tangent_vector(cls, tangent_vector: dict, info: Any) -> dict:
-            if "jvp_inputs" not in info.data or "inputs" not in info.data:
+    def validate(cls: type, vec: dict, info: Any) -> dict:
+        if keys_f not in info.data or "inputs" not in info.data:
+            raise ValueError(
+                f"`{vec_f}` cannot be checked: invalid `inputs` or `{keys_f}`."
+            )
+        _check_keys(vec, info.data[keys_f], vec_f, keys_f)
+        k = _check_batch(vec, vec_f, max_batch)
+        out = {}
+        for path, arr in vec.items():
+            ref = reference(info.data["inputs"], path)
+            if ref is None:
+                out[path] = np.asarray(arr)
+                continue
+            shape, dtype = ref
+            if tuple(np.shape(arr)[1:]) != shape:
                 raise ValueError(
-                    "`tangent_vector` cannot be checked: invalid `inputs` or "
-                    "`jvp_inputs`."
+                    f"`{vec_f}.{path}` has shape {tuple(np.shape(arr))}; expected "
+                    f"{(k, *shape)}: the batch axis, then the shape of {side} "
+                    f"`{path}` {shape}."
                 )
-            ins = info.data["jvp_inputs"]
-            _check_keys(tangent_vector, ins, "tangent_vector", "jvp_inputs")
-            k = _check_batch(tangent_vector, "tangent_vector", max_batch)
-            out = {}
-            for path, arr in tangent_vector.items():
-                ref = get_at_path(info.data["inputs"], path)
-                ref_shape = tuple(np.shape(ref))
-                if tuple(np.shape(arr)[1:]) != ref_shape:
-                    raise ValueError(
-                        f"`tangent_vector.{path}` has shape {tuple(np.shape(arr))}; "
-                        f"expected {(k, *ref_shape)}: the batch axis, then the shape "
-                        f"of `inputs.{path}` {ref_shape}."
-                    )
-                dtype = getattr(ref, "dtype", None)
-                out[path] = _cast(arr, dtype, f"tangent_vector.{path}")
-            return out
+            out[path] = _cast(arr, dtype, f"{vec_f}.{path}")
+        return out
 
-    class BatchedJVPOutputSchema(RootModel):
-        root: out_dict = Field(  # pyright: ignore[reportInvalidTypeForm]
-            ...,
-            description="`{jvp_outputs: array}`, each of shape `(K, *output_shape)`.",
-        )
-
-    return BatchedJVPInputSchema, BatchedJVPOutputSchema
-
-
-def _vjp_models(
-    In: type, Out: type, max_batch: int, output_shapes: Callable
-) -> tuple[type, type]:
-    vec_ann = In.model_fields["cotangent_vector"].annotation
-    out_dict = Out.model_fields["root"].annotation
-
-    class BatchedVJPInputSchema(In):
-        cotangent_vector: vec_ann = Field(  # pyright: ignore[reportInvalidTypeForm]
-            ...,
-            description=(
-                "A batch of cotangent vectors: `{vjp_outputs: array}`, each array of "
-                "shape `(K, *output_shape)`, with one common batch size "
-                f"`1 <= K <= {max_batch}` (`max_batch`)."
+    kind_name = kind.upper()
+    what = "tangent" if kind == "jvp" else "cotangent"
+    Payload = type(
+        f"Batched{kind_name}InputSchema",
+        (In,),
+        {
+            "__annotations__": {vec_f: In.model_fields[vec_f].annotation},
+            vec_f: Field(
+                ...,
+                description=(
+                    f"A batch of {what} vectors: `{{{keys_f}: array}}`, each array of "
+                    f"shape `(K, *{side}_shape)`, with one common batch size "
+                    f"`1 <= K <= {max_batch}` (`max_batch`)."
+                ),
             ),
-        )
+            # Named as tesseract-core's validator, so that this one replaces it.
+            f"validate_{vec_f}": field_validator(vec_f, mode="after")(
+                classmethod(validate)
+            ),
+        },
+    )
+    result_side = "output" if kind == "jvp" else "input"
+    Result = type(
+        f"Batched{kind_name}OutputSchema",
+        (RootModel,),
+        {
+            "__annotations__": {"root": out_dict},
+            "root": Field(
+                ...,
+                description=f"`{{{result_f}: array}}`, each of shape "
+                f"`(K, *{result_side}_shape)`.",
+            ),
+        },
+    )
+    return Payload, Result
 
-        @field_validator("cotangent_vector", mode="after")
-        @classmethod
-        def validate_cotangent_vector(cls, cotangent_vector: dict, info: Any) -> dict:
-            if "vjp_outputs" not in info.data or "inputs" not in info.data:
-                raise ValueError(
-                    "`cotangent_vector` cannot be checked: invalid `inputs` or "
-                    "`vjp_outputs`."
-                )
-            outs = info.data["vjp_outputs"]
-            _check_keys(cotangent_vector, outs, "cotangent_vector", "vjp_outputs")
-            k = _check_batch(cotangent_vector, "cotangent_vector", max_batch)
-            shapes = output_shapes(info.data["inputs"])
-            out = {}
-            for path, arr in cotangent_vector.items():
-                ref = None
-                if shapes is not None:
-                    try:
-                        ref = get_at_path(shapes, path)
-                    except (LookupError, AttributeError):
-                        ref = None
-                if ref is None:
-                    out[path] = np.asarray(arr)
-                    continue
-                ref_shape = tuple(ref["shape"])
-                if tuple(np.shape(arr)[1:]) != ref_shape:
-                    raise ValueError(
-                        f"`cotangent_vector.{path}` has shape {tuple(np.shape(arr))}; "
-                        f"expected {(k, *ref_shape)}: the batch axis, then the shape "
-                        f"of output `{path}` {ref_shape}."
-                    )
-                dtype = np.dtype(ref["dtype"])
-                out[path] = _cast(arr, dtype, f"cotangent_vector.{path}")
-            return out
 
-    class BatchedVJPOutputSchema(RootModel):
-        root: out_dict = Field(  # pyright: ignore[reportInvalidTypeForm]
-            ..., description="`{vjp_inputs: array}`, each of shape `(K, *input_shape)`."
-        )
+def _input_reference(inputs: Any, path: str) -> tuple[tuple, Any]:
+    ref = get_at_path(inputs, path)
+    return tuple(np.shape(ref)), getattr(ref, "dtype", None)
 
-    return BatchedVJPInputSchema, BatchedVJPOutputSchema
+
+def _output_reference(output_shapes: Callable) -> Callable:
+    def reference(inputs: Any, path: str) -> tuple[tuple, Any] | None:
+        shapes = output_shapes(inputs)
+        if shapes is None:
+            return None
+        try:
+            ref = get_at_path(shapes, path)
+        except (LookupError, AttributeError):
+            return None
+        return tuple(ref["shape"]), np.dtype(ref["dtype"])
+
+    return reference
 
 
 def _stack(results: list[dict]) -> dict:
@@ -199,22 +191,10 @@ def batched_gradient_endpoint(
     own_fn = getattr(api_module, name, None)
     StockIn = stock[unbatched].__annotations__["payload"]
     StockOut = stock[unbatched].__annotations__["return"]
-    if kind == "jvp":
-        In, Out = _jvp_models(StockIn, StockOut, state.max_batch)
-        ins_f, outs_f, vec_f, result_f = (
-            "jvp_inputs",
-            "jvp_outputs",
-            "tangent_vector",
-            "jvp_outputs",
-        )
-    else:
-        In, Out = _vjp_models(StockIn, StockOut, state.max_batch, output_shapes)
-        ins_f, outs_f, vec_f, result_f = (
-            "vjp_inputs",
-            "vjp_outputs",
-            "cotangent_vector",
-            "vjp_inputs",
-        )
+    reference = _input_reference if kind == "jvp" else _output_reference(output_shapes)
+    In, Out = _models(kind, StockIn, StockOut, state.max_batch, reference)
+    ins_f, outs_f = (f"{kind}_inputs", f"{kind}_outputs")
+    vec_f, _, result_f, _ = _FIELDS[kind]
 
     def vmapped(inputs: Any, ins: Any, outs: Any, vec: dict) -> Any:
         import jax
