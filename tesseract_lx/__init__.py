@@ -17,6 +17,7 @@ from ._errors import (
     TesseractDtypeError as TesseractDtypeError,
     TesseractError as TesseractError,
     TesseractServerError as TesseractServerError,
+    TesseractTimeoutError as TesseractTimeoutError,
     TesseractValidationError as TesseractValidationError,
 )
 from ._module import TesseractModule as TesseractModule

@@ -5,16 +5,24 @@ through a transport (`_transport.py`: HTTP, or the server's app in this process)
 turns failures into `TesseractError`s that carry the server's words, and counts
 everything: `stats` (requests by endpoint), `latency` (what `Auto` estimates from),
 `decisions` (what `Auto` chose and why). One client is safe to share between threads.
+
+An answer is data, never code: arrays are decoded from base64 or JSON lists only (a
+`binref` array, which names a file, is refused: a server must not make the client read
+its files), and nothing is unpickled or evaluated. Credentials (headers such as
+`Authorization`, a password in the URL) are sent, but never shown: not in `repr`, and
+not in an error, even when the server echoes them back.
 """
 
+import base64
 import collections
 import concurrent.futures
 import itertools
 import os
+import re
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -22,7 +30,13 @@ import orjson
 
 from ._errors import from_response, TesseractError, TesseractServerError
 from ._latency import Latencies
-from ._transport import ASGITransport, HTTPTransport, TesseractTransport, Timeouts
+from ._transport import (
+    ASGITransport,
+    HTTPTransport,
+    Response,
+    TesseractTransport,
+    Timeouts,
+)
 from ._wire.encoding import ACCEPT, decode_tree, encode_tree
 from ._wire.schema import parse_openapi, Schema
 from ._wire.spec import Capabilities
@@ -56,9 +70,15 @@ class Client:
     - `url`: the server's address, e.g. `"http://127.0.0.1:8000"`, or a list of
         addresses of identical replicas: concurrent requests and batch chunks are
         spread over them.
-    - `timeout`: seconds to wait for an answer once connected; no request hangs.
+    - `timeout`: seconds to wait for an answer once connected (the read timeout);
+        no request hangs.
     - `connect_timeout`: seconds to wait for a connection: a dead host fails fast.
-    - `headers`: extra HTTP headers sent with every request (e.g. an auth token).
+        A refused or dropped connection is retried 3 times (0.35 s of backoff in
+        all); a timeout or an answer is final.
+    - `headers`: extra HTTP headers sent with every request (e.g.
+        `{"Authorization": "Bearer ..."}`). The values of credential headers (names
+        with `auth`, `token`, `key`, `secret`, `cookie`, `password`) never appear in
+        errors or reprs.
     - `workers`: how many requests each server computes at once; by default what a
         tesseract-lx server says (`--workers`), else 1. Used by the `Concurrent` rule
         and by `Auto`'s cost model.
@@ -91,13 +111,19 @@ class Client:
             if not value > 0:
                 raise ValueError(f"`{name}` must be a positive number of seconds.")
         timeouts = Timeouts(connect=connect_timeout, read=timeout)
-        headers = {**_HEADERS, **(headers or {})}
-        self._init([HTTPTransport(u, timeouts, headers) for u in urls], workers)
+        transports = [
+            HTTPTransport(u, timeouts, {**_HEADERS, **(headers or {})}) for u in urls
+        ]
+        auths = [t.auth for t in transports if t.auth is not None]
+        self._init(transports, workers, _secrets(headers, auths))
 
-    def _init(self, transports: list, workers: int | None) -> None:
+    def _init(
+        self, transports: list, workers: int | None, secrets: tuple[bytes, ...] = ()
+    ) -> None:
         if workers is not None and workers < 1:
             raise ValueError(f"`workers` must be at least 1, got {workers}.")
         self._transports = transports
+        self._secrets = secrets
         self._workers = workers
         self.stats: collections.Counter[str] = collections.Counter()
         self.latency = Latencies()
@@ -139,7 +165,7 @@ class Client:
             api, {**_HEADERS, **(headers or {})}, cache=cache
         )
         obj = cls.__new__(cls)
-        obj._init([transport], 1)
+        obj._init([transport], 1, _secrets(headers))
         return obj
 
     @classmethod
@@ -181,6 +207,37 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({', '.join(self.urls)})"
 
+    def _redact(self, text: bytes) -> bytes:
+        for secret in self._secrets:
+            text = text.replace(secret, b"[redacted]")
+        return text
+
+    def _decode(
+        self,
+        endpoint: str,
+        response: Response,
+        url: str,
+        parse: Callable[[Any], Any],
+        malformed: tuple[type[Exception], ...] = (Exception,),
+    ) -> Any:
+        """`parse` of the JSON of a 200 answer. Any other answer, and one that does
+        not parse (garbage, truncated JSON, an array that does not decode), is a
+        `TesseractError` with the server's words, never a decoder's traceback."""
+        if response.status != 200:
+            body = self._redact(response.content)
+            raise from_response(endpoint, response.status, body, url)
+        try:
+            return parse(orjson.loads(response.content))
+        except malformed as e:
+            why = self._redact(f"{type(e).__name__}: {e}".encode()).decode()
+            raise TesseractServerError(
+                endpoint,
+                response.status,
+                f"the answer is not a Tesseract payload ({why}; "
+                f"{len(response.content)} bytes)",
+                url,
+            ) from e
+
     @property
     def urls(self) -> tuple[str, ...]:
         return tuple(t.url for t in self._transports)
@@ -192,14 +249,15 @@ class Client:
             with self._lock:
                 if self._schema is None:
                     response = self._transports[0].send("GET", "openapi.json")
-                    if response.status != 200:
-                        raise from_response(
-                            "openapi.json",
-                            response.status,
-                            response.content,
-                            self.urls[0],
-                        )
-                    self._schema = parse_openapi(orjson.loads(response.content))
+                    # A ValueError of `parse_openapi` says what it cannot read.
+                    self._schema = schema = self._decode(
+                        "openapi.json",
+                        response,
+                        self.urls[0],
+                        parse_openapi,
+                        (orjson.JSONDecodeError, KeyError, TypeError, AttributeError),
+                    )
+                    return schema
         return self._schema
 
     @property
@@ -220,11 +278,7 @@ class Client:
 
     def health(self) -> dict:
         response = self._transports[0].send("GET", "health")
-        if response.status != 200:
-            raise from_response(
-                "health", response.status, response.content, self.urls[0]
-            )
-        return orjson.loads(response.content)
+        return self._decode("health", response, self.urls[0], lambda doc: doc)
 
     def request(
         self, endpoint: str, payload: Any, *, size: int = 0, k: int = 1, replica=None
@@ -243,20 +297,7 @@ class Client:
         start = time.perf_counter()
         try:
             response = transport.send("POST", endpoint, body)
-            if response.status != 200:
-                raise from_response(
-                    endpoint, response.status, response.content, transport.url
-                )
-            try:
-                result = decode_tree(orjson.loads(response.content))
-            except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as e:
-                raise TesseractServerError(
-                    endpoint,
-                    response.status,
-                    f"the answer is not a Tesseract payload ({type(e).__name__}: {e}; "
-                    f"{len(response.content)} bytes)",
-                    transport.url,
-                ) from e
+            result = self._decode(endpoint, response, transport.url, decode_tree)
         except TesseractError as e:
             self.last_error = e
             raise
@@ -315,3 +356,24 @@ class Client:
 _WRAPPED: "weakref.WeakKeyDictionary[Any, Client]" = weakref.WeakKeyDictionary()
 _WRAP_LOCK = threading.Lock()
 _HEADERS = {"Content-Type": "application/json", "Accept": ACCEPT}
+_SECRET_HEADER = re.compile(r"auth|token|key|secret|cookie|password", re.IGNORECASE)
+
+
+def _secrets(
+    headers: dict[str, str] | None, auths: Sequence[tuple[str, str]] = ()
+) -> tuple[bytes, ...]:
+    """What to hide from error texts: the value of every credential header and its
+    credentials part (`abc` of `Bearer abc`, which a server may echo alone), the
+    passwords of URLs and the Basic credentials made of them; longest first, so a
+    value is hidden whole. Under 4 characters is not a secret worth hiding (and
+    hiding it would garble the text)."""
+    found = set()
+    for user, password in auths:
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        found.update([password, basic])
+    for name, value in (headers or {}).items():
+        if _SECRET_HEADER.search(name):
+            found.update([value, *value.split()[1:]])
+    return tuple(
+        sorted((s.encode() for s in found if len(s) >= 4), key=len, reverse=True)
+    )

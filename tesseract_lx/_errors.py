@@ -54,7 +54,12 @@ class TesseractServerError(TesseractError):
 
 
 class TesseractConnectionError(TesseractError, ConnectionError):
-    """No answer: the server could not be reached or did not answer in time."""
+    """No answer: the server could not be reached, went away, or did not answer in
+    time."""
+
+
+class TesseractTimeoutError(TesseractConnectionError, TimeoutError):
+    """No answer within the client's connect or read timeout; also a `TimeoutError`."""
 
 
 class TesseractDtypeError(TypeError):

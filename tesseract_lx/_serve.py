@@ -1,7 +1,24 @@
-"""`tlx.serve`: a real local server for a `tesseract_api.py`, as a child process."""
+"""`tlx.serve`: a real local server for a `tesseract_api.py`, as a child process.
+
+**The port.** Picking a free port and handing it to the child races: another process
+may bind it in between (the child then dies, or worse, `/health` answers from someone
+else's server). The child binds port 0 instead, the kernel gives it a free port
+atomically, and uvicorn (under both `tesseract-lx serve` and `tesseract-runtime
+serve`) prints it: `Uvicorn running on http://127.0.0.1:PORT`. We read it there.
+
+**What the child may read.** tesseract-core reads `binref` arrays of a request from
+`TESSERACT_INPUT_PATH` (default: the working directory, here the Tesseract's source
+folder): a client could read the source, or anything next to it. The input path is a
+private empty folder unless the user names one.
+
+**Cleanup.** The temporary folder, the log file and the child (its whole process
+group) go on every way out: startup failure, timeout, an exception in the `with`
+block, Ctrl-C.
+"""
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -11,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import requests
 
@@ -18,9 +36,15 @@ from ._client import Client
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, but not reserved: someone may take it before it is used (fine
+    for an address nothing listens on; `serve` does not rely on it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# uvicorn's startup line, with the port it bound (the real one, for port 0).
+_RUNNING = re.compile(rb"Uvicorn running on https?://\S+:(\d+) ")
 
 
 def _command(server: str, path: Path, host: str, port: int, workers: int, cache: bool):
@@ -41,17 +65,62 @@ def _command(server: str, path: Path, host: str, port: int, workers: int, cache:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    # The server runs in its own process group: uvicorn's workers go with it.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+    """Stop the server and its process group (its own session): uvicorn's workers go
+    with it. Asked first, then killed; the group is swept even when the server
+    itself is already gone (killed, its workers orphaned but still serving)."""
+    if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def _output(log: IO[bytes]) -> str:
+    # The child appends (`O_APPEND`): moving our offset never moves its writes.
+    log.seek(0)
+    return log.read().decode(errors="replace")[-4000:]
+
+
+def _ready(
+    proc: subprocess.Popen,
+    log: IO[bytes],
+    path: Path,
+    host: str,
+    port: int | None,
+    startup_timeout: float,
+) -> int:
+    """The child's port, once `/health` answers on it."""
+    deadline = time.monotonic() + startup_timeout
+    while True:
+        if proc.poll() is not None:
+            text = _output(log)
+            hint = ""
+            if "address already in use" in text.lower():
+                hint = f" Port {port} is in use: choose another `port`, or none."
+            raise RuntimeError(
+                f"The Tesseract server for {path} exited with code {proc.returncode} "
+                f"before it was ready.{hint} Its output:\n{text}"
+            )
+        if port is None:
+            log.seek(0)
+            found = _RUNNING.search(log.read())
+            port = int(found.group(1)) if found else None
+        if port is not None:
+            try:
+                url = f"http://{host}:{port}/health"
+                if requests.get(url, timeout=2).status_code == 200:
+                    return port
+            except requests.RequestException:
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"The Tesseract server for {path} did not answer `/health` within "
+                f"{startup_timeout} s. Its output:\n{_output(log)}"
+            )
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -63,6 +132,7 @@ def serve(
     port: int | None = None,
     server: str = "tesseract-lx",
     cache: bool = True,
+    input_path: str | os.PathLike | None = None,
     startup_timeout: float = 120.0,
     timeout: float = 120.0,
 ) -> Iterator[Client]:
@@ -72,26 +142,34 @@ def serve(
 
     - `path`: the `tesseract_api.py` file.
     - `workers`: server processes answering requests at once.
-    - `host`, `port`: where to listen; a free loopback port by default.
+    - `host`: the address to listen on: this machine only (`127.0.0.1`) unless told
+        otherwise.
+    - `port`: the port; by default the server binds a free one itself (no race with
+        other processes) and says which.
     - `server`: `"tesseract-lx"` (tesseract-core's app plus the batched endpoints and
         the linearisation cache) or `"tesseract-runtime"` (tesseract-core's own
         `tesseract-runtime serve`, unchanged).
     - `cache`: the linearisation cache of the tesseract-lx server.
+    - `input_path`: the folder `binref` arrays of requests are read from
+        (`TESSERACT_INPUT_PATH`); by default a private empty temporary one, so that
+        no request can read the Tesseract's own files.
     - `startup_timeout`: seconds to wait for `/health` before giving up.
     - `timeout`: the client's per-request timeout.
 
     Run outputs go to a temporary directory removed on exit. The server is stopped
     on exit, on exceptions and on Ctrl-C; if it fails to start, the error carries
-    its own stderr.
+    its own output, and nothing is left behind.
     """
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"`path`: no `tesseract_api.py` at {path}.")
     if workers < 1:
         raise ValueError(f"`workers` must be at least 1, got {workers}.")
-    port = free_port(host) if port is None else port
-    cmd = _command(server, path, host, port, workers, cache)
-    tmp = Path(tempfile.mkdtemp(prefix="tesseract_lx_"))
+    if input_path is not None:
+        input_path = Path(input_path).resolve()
+        if not input_path.is_dir():
+            raise NotADirectoryError(f"`input_path`: no folder at {input_path}.")
+    cmd = _command(server, path, host, 0 if port is None else port, workers, cache)
     env = dict(os.environ)
     # The child starts in the Tesseract's folder: relative entries of PYTHONPATH
     # would point elsewhere, and this package must be importable there.
@@ -100,54 +178,36 @@ def serve(
         str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p
     ]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([package_root, *paths]))
-    env.update(
-        TESSERACT_API_PATH=str(path),
-        TESSERACT_OUTPUT_PATH=str(tmp / "outputs"),
-        TESSERACT_INPUT_PATH=str(path.parent),
-        TESSERACT_LX_CACHE="1" if cache else "0",
-        PYTHONUNBUFFERED="1",
-    )
-    (tmp / "outputs").mkdir()
-    log = open(tmp / "server.log", "w+b")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
-        cmd,
-        cwd=path.parent,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://{host}:{port}"
-    client = None
+    tmp = Path(tempfile.mkdtemp(prefix="tesseract_lx_"))  # private: mode 0o700
+    log = proc = client = None
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                text = log.read().decode(errors="replace")[-4000:]
-                raise RuntimeError(
-                    f"The Tesseract server for {path} exited with code "
-                    f"{proc.returncode} before it was ready. Its output:\n{text}"
-                )
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                text = log.read().decode(errors="replace")[-4000:]
-                raise TimeoutError(
-                    f"The Tesseract server for {path} did not answer `/health` at "
-                    f"{url} within {startup_timeout} s. Its output:\n{text}"
-                )
-            time.sleep(0.1)
-        client = Client(url, timeout=timeout, workers=workers)
+        (tmp / "outputs").mkdir()
+        (tmp / "inputs").mkdir()
+        env.update(
+            TESSERACT_API_PATH=str(path),
+            TESSERACT_OUTPUT_PATH=str(tmp / "outputs"),
+            TESSERACT_INPUT_PATH=str(input_path or tmp / "inputs"),
+            TESSERACT_LX_CACHE="1" if cache else "0",
+            PYTHONUNBUFFERED="1",
+        )
+        log = open(tmp / "server.log", "a+b")  # noqa: SIM115 - closed in finally
+        proc = subprocess.Popen(
+            cmd,
+            cwd=path.parent,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        port = _ready(proc, log, path, host, port, startup_timeout)
+        client = Client(f"http://{host}:{port}", timeout=timeout, workers=workers)
         yield client
     finally:
         if client is not None:
             client.close()
-        _stop(proc)
-        log.close()
+        if proc is not None:
+            _stop(proc)
+        if log is not None:
+            log.close()
         shutil.rmtree(tmp, ignore_errors=True)

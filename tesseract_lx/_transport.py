@@ -23,13 +23,16 @@ import importlib
 import re
 import threading
 import time
+import urllib.parse
 from typing import Any
 
 import orjson
 import pydantic
 import requests
+import urllib3
+from urllib3.exceptions import ReadTimeoutError
 
-from ._errors import TesseractConnectionError
+from ._errors import TesseractConnectionError, TesseractTimeoutError
 from ._wire.encoding import decode_tree, encode_tree
 from ._wire.spec import error_body
 
@@ -49,20 +52,45 @@ class Timeouts:
 
 
 _RETRIES = 3
-_BACKOFF = 0.05  # seconds, doubled per retry
+_BACKOFF = 0.05  # seconds, doubled per retry: 0.35 s in all
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost reason urllib3 gives, e.g. `[Errno 111] Connection refused`,
+    without the pool and connection reprs around it."""
+    inner = error.args[0] if error.args else error
+    inner = getattr(inner, "reason", None) or inner  # MaxRetryError
+    if isinstance(inner, urllib3.exceptions.ProtocolError) and len(inner.args) > 1:
+        inner = inner.args[1]  # ('Connection aborted.', RemoteDisconnected(...))
+    text = str(inner)
+    if isinstance(inner, urllib3.exceptions.NewConnectionError):
+        return text.rpartition("Failed to establish a new connection: ")[2]
+    name = type(inner).__name__
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
 
 
 class HTTPTransport:
     """POSTs to one server, one keep-alive session per thread.
 
     A request is a pure function of its payload, so a connection that fails before
-    any answer arrived (refused, reset, a keep-alive connection the server closed) is
-    retried a bounded number of times with backoff. A timeout or any answer, 4xx or
-    5xx, is final.
+    any answer arrived (refused, reset, a keep-alive connection the server closed, a
+    server killed while it computed) is retried a bounded number of times with
+    backoff. Anything else is final: an answer (4xx or 5xx), an answer cut off
+    before its end, and a timeout (waiting longer than the user said is not a
+    retry's business). Credentials in the URL (`http://user:token@host`) go into the
+    session's auth, never into `url`, which errors and reprs show.
     """
 
     def __init__(self, url: str, timeouts: Timeouts, headers: dict[str, str]):
-        self.url = url.rstrip("/")
+        parts = urllib.parse.urlsplit(url.rstrip("/"))
+        self.auth = None
+        if parts.username is not None:
+            self.auth = (
+                urllib.parse.unquote(parts.username),
+                urllib.parse.unquote(parts.password or ""),
+            )
+            parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+        self.url = parts.geturl()
         self.timeouts = timeouts
         self.headers = headers
         self._local = threading.local()
@@ -74,6 +102,7 @@ class HTTPTransport:
         if session is None:
             session = requests.Session()
             session.headers.update(self.headers)
+            session.auth = self.auth
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)
@@ -93,34 +122,57 @@ class HTTPTransport:
         timeout = (self.timeouts.connect, self.timeouts.read)
         delay = _BACKOFF
         error: Exception | None = None
-        reason = ""
         for attempt in range(_RETRIES + 1):
             try:
                 r = self._session().request(method, url, data=body, timeout=timeout)
                 return Response(r.status_code, r.content)
             except requests.ConnectTimeout as e:
-                error = e
-                reason = (
+                self._drop_session()
+                raise TesseractTimeoutError(
+                    endpoint,
+                    None,
                     f"cannot connect to {self.url} within the connect timeout of "
-                    f"{self.timeouts.connect} s"
-                )
+                    f"{self.timeouts.connect} s",
+                    self.url,
+                ) from e
             except requests.Timeout as e:
+                self._drop_session()
+                raise self._read_timeout(endpoint) from e
+            except requests.ConnectionError as e:
+                self._drop_session()
+                # requests reports a read timeout in the body as a connection error.
+                if isinstance(e.args[0] if e.args else None, ReadTimeoutError):
+                    raise self._read_timeout(endpoint) from e
+                error = e
+            except requests.RequestException as e:
+                # An answer began and broke off (truncated body, bad chunking).
+                self._drop_session()
                 raise TesseractConnectionError(
                     endpoint,
                     None,
-                    f"no answer within the read timeout of {self.timeouts.read} s",
+                    f"the answer from {self.url} broke off before its end "
+                    f"({_cause(e)})",
                     self.url,
                 ) from e
-            except requests.ConnectionError as e:
-                error = e
-                reason = f"cannot connect to {self.url}: {e}"
-            self._drop_session()
             if attempt < _RETRIES:
                 time.sleep(delay)
                 delay *= 2
+        assert error is not None
         raise TesseractConnectionError(
-            endpoint, None, f"{reason} (tried {_RETRIES + 1} times)", self.url
+            endpoint,
+            None,
+            f"cannot connect to {self.url} ({_cause(error)}; tried {_RETRIES + 1} "
+            "times)",
+            self.url,
         ) from error
+
+    def _read_timeout(self, endpoint: str) -> TesseractTimeoutError:
+        return TesseractTimeoutError(
+            endpoint,
+            None,
+            f"no answer within the read timeout of {self.timeouts.read} s",
+            self.url,
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -285,7 +337,7 @@ class TesseractTransport:
         try:
             return future.result(timeout=self.timeout)
         except concurrent.futures.TimeoutError:
-            raise TesseractConnectionError(
+            raise TesseractTimeoutError(
                 endpoint, None, f"no answer within {self.timeout} s", self.url
             ) from None
         except pydantic.ValidationError as e:

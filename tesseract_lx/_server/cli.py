@@ -37,8 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="Serve a tesseract_api.py over HTTP.")
     serve.add_argument("api_path", type=Path, help="Path of the tesseract_api.py.")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 "
+        "exposes the Tesseract, unauthenticated, to every network it is on).",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="Port (default 8000; 0: a free one, chosen by the kernel and printed as "
+        "`Uvicorn running on http://HOST:PORT`).",
+    )
     serve.add_argument(
         "--workers", type=int, default=1, help="Server processes (default 1)."
     )
