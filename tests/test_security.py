@@ -154,10 +154,38 @@ def test_input_path_is_private_and_empty(stalling):
     assert f"No such file or directory: '{inputs}/tesseract_api.py'" in str(info.value)
 
 
+def _secret_buffer(tmp_path, where: str) -> str:
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(DATA)
+    return {
+        "absolute": str(secret),
+        "file URL": secret.as_uri(),
+        "parent": "../server.log",  # the server's own output
+    }[where]
+
+
+@pytest.fixture(scope="module")
+def stalling_lx():
+    with tlx.serve(STALLING, server="tesseract-lx") as client:
+        yield client
+
+
+@pytest.mark.parametrize("where", ["absolute", "file URL", "parent"])
+def test_our_server_reads_nothing_outside_the_input_path(stalling_lx, tmp_path, where):
+    """`tesseract-lx serve` refuses the buffer before tesseract-core reads it."""
+    stalling_lx.stats.clear()
+    with pytest.raises(tlx.TesseractValidationError) as info:
+        _apply_binref(stalling_lx, _secret_buffer(tmp_path, where))
+    assert "`inputs.x`: a binref array must name a file inside" in str(info.value)
+    # A relative name inside the folder is still read (and is missing here).
+    with pytest.raises(tlx.TesseractValidationError, match="No such file"):
+        _apply_binref(stalling_lx, "data.bin")
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="tesseract-core's binref decoder reads absolute paths, `..` and fsspec "
-    "URLs whatever the input path: only the server's request decoding can stop it",
+    "URLs whatever the input path: a stock server reads them (ours refuses)",
 )
 @pytest.mark.parametrize("where", ["absolute", "file URL", "parent"])
 def test_a_request_cannot_read_outside_the_input_path(stalling, tmp_path, where):

@@ -33,14 +33,21 @@ from tesseract_core.runtime.file_interactions import (
     available_gpu_transports,
 )
 
-from .._wire.spec import BATCHED_APPLY, BATCHED_JVP, BATCHED_VJP, EXTENSION
+from .._wire.spec import BATCHED_APPLY, BATCHED_JVP, BATCHED_VJP, EXTENSION, VJP
 from .batched import batched_gradient_endpoint, gradient_mode
 from .batched_apply import apply_mode, batched_apply_endpoint
 from .cache import CacheSettings, enable_tesseract_vjp_cache, LinearisationCache
 from .declare import compute_precision, read_declaration, ServerState, uses_jax
-from .endpoints import output_shapes_fn, stock_endpoints
+from .endpoints import cotangent_check, output_shapes_fn, stock_endpoints
+from .guard import BinrefGuard
 from .limits import BodyLimit, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES
-from .routes import add_error_handlers, computational_route, plain_route, Runner
+from .routes import (
+    add_error_handlers,
+    check_abstract_shapes,
+    computational_route,
+    plain_route,
+    Runner,
+)
 
 
 # tesseract-core's `create_rest_api` wraps these (run folder, Accept negotiation).
@@ -151,24 +158,27 @@ def create_app(
     )
     runner = Runner(run_folders=run_folders)
     add_error_handlers(app, debug)
+    # Added first, so it runs inside `BodyLimit`: it reads bodies already bounded.
+    app.add_middleware(BinrefGuard)
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
 
+    output_shapes = output_shapes_fn(api_module)
     for name, fn in stock.items():
         if name == "test" and not debug:
             continue
         if name == "health":
             app.add_api_route("/health", _health(state), methods=["GET"])
         elif name in _COMPUTATIONAL:
-            app.add_api_route(
-                f"/{name}", computational_route(fn, runner), methods=["POST"]
-            )
+            check = cotangent_check(output_shapes) if name == VJP else None
+            route = computational_route(fn, runner, check=check)
+            app.add_api_route(f"/{name}", route, methods=["POST"])
         elif name == "abstract_eval":
-            app.add_api_route(f"/{name}", plain_route(fn, runner), methods=["POST"])
+            route = plain_route(fn, runner, check=check_abstract_shapes)
+            app.add_api_route(f"/{name}", route, methods=["POST"])
         else:
             app.add_api_route(f"/{name}", fn, methods=["POST"])
 
     batched = [batched_apply_endpoint(api_module, stock, state)]
-    output_shapes = output_shapes_fn(api_module)
     for kind, name in (("jvp", BATCHED_JVP), ("vjp", BATCHED_VJP)):
         if name in modes:
             batched.append(
