@@ -16,6 +16,7 @@ from ._errors import (
     TesseractConnectionError as TesseractConnectionError,
     TesseractDtypeError as TesseractDtypeError,
     TesseractError as TesseractError,
+    TesseractNonFiniteError as TesseractNonFiniteError,
     TesseractServerError as TesseractServerError,
     TesseractTimeoutError as TesseractTimeoutError,
     TesseractValidationError as TesseractValidationError,

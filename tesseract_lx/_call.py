@@ -20,7 +20,7 @@ from jax.core import ShapedArray
 from . import _shapes
 from ._client import Client
 from ._dtypes import check_precision
-from ._tree import build, flatten_inputs, Leaf, Template
+from ._tree import build, flatten_inputs, json_number, Leaf, Template
 
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ class Call:
     # How a batch of primal points goes: "auto" (ours), or tesseract-jax's
     # `vmap_method` (`None`: refused; "sequential", "expand_dims", ...).
     points: str | None = "auto"
+    # Refuse answers holding NaN or Inf (`_dispatch.check_finite`).
+    check_finite: bool = False
 
     def _key(self) -> tuple:
         return (
@@ -46,6 +48,7 @@ class Call:
             self.batching,
             self.strict_dtype,
             self.points,
+            self.check_finite,
         )
 
     def __hash__(self) -> int:
@@ -97,7 +100,7 @@ class Call:
 def wire_values(leaves: tuple[Leaf, ...] | list[Leaf], values: list) -> list:
     """Operands as they go on the wire: arrays, and plain numbers for number fields."""
     return [
-        np.asarray(v).item() if leaf.number else np.asarray(v)
+        json_number(np.asarray(v).item()) if leaf.number else np.asarray(v)
         for leaf, v in zip(leaves, values)
     ]
 
@@ -118,8 +121,9 @@ def make_call(
     batching: "AbstractBatching",
     strict_dtype: bool,
     points: str | None = "auto",
+    check_finite: bool = False,
 ) -> Call:
     """The call for these inputs. Sends nothing; refuses a server that computes
     below its declared precision (`_dtypes.check_precision`)."""
     check_precision(client, strict_dtype)
-    return Call(client, template, leaves, batching, strict_dtype, points)
+    return Call(client, template, leaves, batching, strict_dtype, points, check_finite)

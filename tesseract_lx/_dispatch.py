@@ -5,6 +5,9 @@ Batches are grouped by primal point (a vmap over points of a vmap over tangents
 sends one tangent batch per point); each group goes by the rule `_batching.plan`
 resolves. A JVP the server cannot compute comes from the VJPs of the output basis
 (or `/jacobian`), a VJP from the JVPs of the input basis.
+
+Every answer passes `check_finite` on its way back: a call made with
+`check_finite=True` refuses NaN and Inf there, naming the endpoint and the path.
 """
 
 import collections
@@ -17,6 +20,7 @@ from . import _shapes
 from ._batching import plan
 from ._call import Call
 from ._dtypes import conform
+from ._errors import TesseractNonFiniteError
 from ._tree import flatten_outputs
 from ._wire import paths
 from ._wire.schema import ArrayNode, node_at
@@ -24,6 +28,56 @@ from ._wire.spec import APPLY, BATCHED_APPLY, JACOBIAN, JVP, VJP
 
 
 STACKED = ("expand_dims", "broadcast_all", "auto_experimental")
+
+
+def check_finite(
+    call: Call,
+    endpoint: str,
+    path: str,
+    value: Any,
+    k: int | None = None,
+    wrt: str | None = None,
+) -> None:
+    """Refuse NaN and Inf in the answer at `path`, if the call asks to.
+
+    `k`: the answer stacks K items along its first axis (a batch). `wrt`: the
+    input a `/jacobian` block is the derivative with respect to.
+    """
+    if not call.check_finite:
+        return
+    value = np.asarray(value)
+    if value.dtype.kind not in "fc":
+        return
+    finite = np.isfinite(value)
+    if finite.all():
+        return
+    bad = value[~finite]
+    what = " and ".join(
+        name
+        for name, found in (("NaN", np.isnan(bad).any()), ("Inf", np.isinf(bad).any()))
+        if found
+    )
+    first = tuple(int(i) for i in np.argwhere(~finite)[0])
+    where = []
+    if k is not None and k > 1:
+        where.append(f"item {first[0]} of the batch of {k}")
+    index = first[1:] if k is not None else first
+    if index:
+        where.append(f"index {index}")
+    at = f", the first at {', '.join(where)}" if where else ""
+    client = call.client
+    error = TesseractNonFiniteError(
+        endpoint,
+        None,
+        f"the answer holds {what} at `{path}`"
+        + (f" with respect to `{wrt}`" if wrt else "")
+        + f" ({bad.size} of {value.size} "
+        f"value{'s' if value.size > 1 else ''}{at}); `check_finite=True` refuses NaN "
+        "and Inf in answers.",
+        client.urls[0] if len(client.urls) == 1 else ", ".join(client.urls),
+    )
+    client.last_error = error
+    raise error
 
 
 def _size(arrays) -> int:
@@ -47,6 +101,7 @@ def _pick(call: Call, response: Any, endpoint: str) -> list[np.ndarray]:
                 f"`/{endpoint}` answered `{leaf.path}` with shape {value.shape}, but "
                 f"{leaf.shape} was expected (from the schema or `/abstract_eval`)."
             )
+        check_finite(call, endpoint, leaf.path, value)
         outs.append(value)
     return outs
 
@@ -58,7 +113,10 @@ def _apply_eager(call: Call, arrays) -> list[np.ndarray]:
     response = client.request(APPLY, payload, size=_size(arrays))
     template, leaves, values = flatten_outputs(client.schema.outputs, response)
     _shapes.learn(client, call.template, call.inputs, (template, tuple(leaves)))
-    return [conform(v, leaf.dtype, leaf.path, APPLY) for leaf, v in zip(leaves, values)]
+    outs = [conform(v, leaf.dtype, leaf.path, APPLY) for leaf, v in zip(leaves, values)]
+    for leaf, value in zip(leaves, outs):
+        check_finite(call, APPLY, leaf.path, value)
+    return outs
 
 
 def _groups(arrays, batched, n: int) -> tuple[int, list[tuple[list[int], list]]]:
@@ -82,6 +140,15 @@ def _chunks(items: list, size: int | None) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _empty_batch(arrays, batched, result_avals) -> list[np.ndarray] | None:
+    """The answer to a batch of no items (`jax.jacfwd` of an empty array, a vmap over
+    zero points): empty, and no request."""
+    k = next(a.shape[0] for a, b in zip(arrays, batched) if b)
+    if k:
+        return None
+    return [np.zeros(a.shape, a.dtype) for a in result_avals]
+
+
 def run_apply(arrays, *, result_avals, call: Call, batched) -> list[np.ndarray]:
     client = call.client
     if not any(batched):
@@ -90,6 +157,9 @@ def run_apply(arrays, *, result_avals, call: Call, batched) -> list[np.ndarray]:
         payload = {"inputs": call.payload(arrays)}
         response = client.request(APPLY, payload, size=_size(arrays))
         return _pick(call, response, APPLY)
+    empty = _empty_batch(arrays, batched, result_avals)
+    if empty is not None:
+        return empty
     stacking = _stacking(call, batched)
     if stacking is not None:
         return _apply_stacked(call, arrays, batched, stacking)
@@ -171,6 +241,7 @@ def _apply_stacked(call: Call, arrays, batched, method: str) -> list[np.ndarray]
                 "this Tesseract does not map over a leading axis; use "
                 "`vmap_method='sequential'`."
             )
+        check_finite(call, APPLY, leaf.path, value, len(value))
         outs.append(np.broadcast_to(value, (k, *leaf.shape)))
     return outs
 
@@ -215,6 +286,7 @@ def linear(call: Call, kind: str, primals, src, dst, lin, k: int, dst_shapes) ->
     """
     client = call.client
     forward = kind == JVP
+    _check_addressable(src, dst)
     # Each vector in its own leaf's dtype: a float32 Tesseract's JAX VJP refuses a
     # float64 cotangent (and a server without x64 would lower it anyway).
     dtypes = {
@@ -235,7 +307,13 @@ def linear(call: Call, kind: str, primals, src, dst, lin, k: int, dst_shapes) ->
         payload = {"inputs": inputs, "jac_inputs": sel[0], "jac_outputs": sel[1]}
         result = client.request(JACOBIAN, payload, size=size)
         jac = {(o, i): np.asarray(result[o][i]) for o in sel[1] for i in sel[0]}
-        return _contract(jac, lin, src, dst, dst_shapes, k, forward)
+        for (o, i), block in jac.items():
+            check_finite(call, JACOBIAN, o, block, wrt=i)
+        out = _contract(jac, lin, src, dst, dst_shapes, k, forward)
+        # The answer the caller gets, whatever the rule: NaN in a (co)tangent too.
+        for d in dst:
+            check_finite(call, JACOBIAN, d, out[d], k)
+        return out
     names = _NAMES[kind]
     base = {"inputs": inputs, names[0]: sel[0], names[1]: sel[1]}
     if how.rule == "batched":
@@ -250,11 +328,34 @@ def linear(call: Call, kind: str, primals, src, dst, lin, k: int, dst_shapes) ->
             size=size,
             k=bounds[0][1] - bounds[0][0],
         )
-        return {d: np.concatenate([np.asarray(r[d]) for r in results]) for d in dst}
+        out = {d: np.concatenate([np.asarray(r[d]) for r in results]) for d in dst}
+        for d in dst:
+            check_finite(call, f"batched_{kind}", d, out[d], k)
+        return out
     payloads = [{**base, names[2]: {s: lin[s][j] for s in src}} for j in range(k)]
     in_flight = how.max_in_flight if how.rule == "concurrent" else 1
     results = client.request_many(kind, payloads, max_in_flight=in_flight, size=size)
-    return {d: np.stack([np.asarray(r[d]) for r in results]) for d in dst}
+    out = {d: np.stack([np.asarray(r[d]) for r in results]) for d in dst}
+    for d in dst:
+        check_finite(call, kind, d, out[d], k)
+    return out
+
+
+def _check_addressable(*groups) -> None:
+    """Refuse, before the request, derivative paths tesseract-core cannot take."""
+    bad = []
+    for path in (p for group in groups for p in group):
+        try:
+            paths.segments(path)
+        except ValueError:
+            bad.append(path)
+    if bad:
+        raise ValueError(
+            f"Cannot differentiate at {paths.describe(sorted(bad))}: tesseract-core's "
+            "derivative endpoints name their inputs and outputs by path, and a path "
+            "cannot name a dict entry whose key is empty (`{}`). Give that entry a "
+            "non-empty key."
+        )
 
 
 def _available(call: Call, kind: str) -> list[str]:
@@ -314,6 +415,9 @@ def _run_linear(kind, arrays, result_avals, call: Call, batched, src_idx, dst_id
         lin = {s: a[None] for s, a in zip(src, arrays[n:])}
         out = linear(call, kind, arrays[:n], src, dst, lin, 1, shapes)
         return [conformed(d, out[d][0], a.dtype) for d, a in zip(dst, result_avals)]
+    empty = _empty_batch(arrays, batched, result_avals)
+    if empty is not None:
+        return empty
     k, groups = _groups(arrays, batched, n)
     outs = [np.empty(a.shape, a.dtype) for a in result_avals]
     vectors = _stacked(arrays[n:], batched[n:], k)

@@ -118,3 +118,7 @@ def from_response(endpoint: str, status: int, body: bytes, url: str) -> Tesserac
         else TesseractError
     )
     return cls(endpoint, status, text, url, error_type=error_type, traceback=traceback)
+
+
+class TesseractNonFiniteError(TesseractError, FloatingPointError):
+    """An answer held NaN or Inf, and the call was made with `check_finite=True`."""

@@ -44,6 +44,13 @@ class TesseractModule(eqx.Module):
         `"auto_experimental"` does so when every batched differentiable input is
         `Array[..., dtype]`. Batches of (co)tangents go by `batching` whatever this
         says.
+    - `check_finite`: refuse an answer (of `/apply`, a JVP, a VJP, `/jacobian` or
+        their batched forms) that holds NaN or Inf, with a
+        `tesseract_lx.TesseractError` (also a `FloatingPointError`) naming the
+        endpoint and the path of the output (for a VJP, of the input) that holds
+        them; under `jax.jit` its text ends the `JaxRuntimeError`'s and
+        `client.last_error` keeps it. Off by default: NaN and Inf pass through
+        unchanged, both ways.
 
     Inputs and outputs are plain containers shaped as the Tesseract's schema says:
     models as dicts, `list[...]` as lists, `dict[str, ...]` as dicts, optionals as a
@@ -70,6 +77,7 @@ class TesseractModule(eqx.Module):
     batching: AbstractBatching = eqx.field(static=True)
     strict_dtype: bool = eqx.field(static=True)
     vmap_method: str | None = eqx.field(static=True)
+    check_finite: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -78,6 +86,7 @@ class TesseractModule(eqx.Module):
         *,
         strict_dtype: bool = True,
         vmap_method: str | None = "auto",
+        check_finite: bool = False,
     ):
         if vmap_method not in VMAP_METHODS:
             raise ValueError(
@@ -88,6 +97,11 @@ class TesseractModule(eqx.Module):
         self.batching = as_rule(batching)
         self.strict_dtype = strict_dtype
         self.vmap_method = vmap_method
+        if not isinstance(check_finite, bool):
+            raise TypeError(
+                f"`check_finite` must be True or False, got {check_finite!r}."
+            )
+        self.check_finite = check_finite
 
     @property
     def schema(self):
@@ -106,6 +120,7 @@ class TesseractModule(eqx.Module):
             self.batching,
             self.strict_dtype,
             self.vmap_method,
+            self.check_finite,
         )
         return call, values
 

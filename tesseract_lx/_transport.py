@@ -24,6 +24,7 @@ import re
 import threading
 import time
 import urllib.parse
+import weakref
 from typing import Any
 
 import orjson
@@ -94,7 +95,9 @@ class HTTPTransport:
         self.timeouts = timeouts
         self.headers = headers
         self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        # Held strongly by their thread only: a thread that ends takes its session,
+        # and its connections, with it; `close` closes those still alive.
+        self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def _session(self) -> requests.Session:
@@ -105,7 +108,7 @@ class HTTPTransport:
             session.auth = self.auth
             self._local.session = session
             with self._lock:
-                self._sessions.append(session)
+                self._sessions.add(session)
         return session
 
     def _drop_session(self) -> None:
@@ -113,8 +116,7 @@ class HTTPTransport:
         if session is not None:
             self._local.session = None
             with self._lock:
-                if session in self._sessions:
-                    self._sessions.remove(session)
+                self._sessions.discard(session)
             session.close()
 
     def send(self, method: str, endpoint: str, body: bytes | None = None) -> Response:
@@ -176,7 +178,8 @@ class HTTPTransport:
 
     def close(self) -> None:
         with self._lock:
-            sessions, self._sessions = self._sessions, []
+            sessions = list(self._sessions)
+            self._sessions.clear()
         for session in sessions:
             session.close()
 

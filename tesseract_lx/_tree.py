@@ -18,6 +18,7 @@ Template grammar: `("model", ((name, t), ...))`, `("list", (t, ...))`,
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,7 +45,8 @@ Template = tuple
 
 
 class Static:
-    """A static (non-array) value in a template: hashed by its JSON text."""
+    """A static (non-array) value in a template: hashed by its JSON text, as sent
+    (`json_number`: NaN is not `null`, so not `None`)."""
 
     __slots__ = ("value", "_key")
 
@@ -52,7 +54,8 @@ class Static:
         self.value = value
         try:
             self._key = orjson.dumps(
-                value, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
+                json_number(value),
+                option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY,
             )
         except TypeError:
             self._key = repr(value).encode()
@@ -142,9 +145,20 @@ def _array(node: ArrayNode, x: Any, path: str, walk: _Walk) -> Template:
         raise _fail(TypeError, path, node.describe(), x)
     x = x if _is_tracer(x) or isinstance(x, jax.Array) else np.asarray(x)
     dtype = x.dtype
+    if dtype.kind not in "biufc":
+        # NumPy would turn `"1.5"` into 1.5, `None` into NaN and a date into its
+        # count of seconds: never what a Tesseract's array means.
+        raise TypeError(
+            f"`{path}` must be {node.describe()}; got an array of dtype {dtype}, "
+            "which is not numeric: convert it to a numeric array first."
+        )
     if node.dtype is not None:
         want = canonical_dtype(node.dtype)
-        if dtype.kind == "c" or (dtype.kind == "f" and want.kind in "iub"):
+        if (
+            (dtype.kind == "c" and want.kind != "c")
+            or (dtype.kind == "f" and want.kind in "iub")
+            or (dtype.kind in "iu" and want.kind == "b")
+        ):
             raise TypeError(
                 f"`{path}` must have dtype {node.dtype}; got {dtype}, which does not "
                 "convert without loss."
@@ -306,6 +320,10 @@ def _out_array(node: ArrayNode, x: Any, path: str, walk: _Walk) -> Template:
 
 
 def _out(node: Node, x: Any, path: str, walk: _Walk) -> Template:
+    if x is None and isinstance(node, ValueNode) and node.type == "number":
+        # A required float answered `null`: pydantic's JSON writes NaN and Inf so
+        # (`json_number`). The number is lost; NaN says so, `None` would break jit.
+        x = math.nan
     if x is None:
         return ("value", Static(None))
     if isinstance(node, OptionalNode):
@@ -399,6 +417,20 @@ def fixed_outputs(node: ModelNode) -> tuple[Template, list[Leaf]] | None:
     return None if template is None else (template, walk.leaves)
 
 
+# JSON has no NaN or Infinity: orjson writes them as `null`, which a `float` field
+# refuses (or, if optional, takes for `None`). pydantic reads these strings as the
+# numbers, as Python's `float()` does.
+def json_number(x: Any) -> Any:
+    """`x` with every non-finite Python float (at any depth) as pydantic's string."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "NaN" if math.isnan(x) else "Infinity" if x > 0 else "-Infinity"
+    if isinstance(x, list | tuple):
+        return [json_number(v) for v in x]
+    if isinstance(x, dict):
+        return {k: json_number(v) for k, v in x.items()}
+    return x
+
+
 def build(template: Template, values: list, *, wire: bool = False) -> Any:
     """The tree a template describes, with `values[i]` at `("operand", i)`.
 
@@ -408,7 +440,7 @@ def build(template: Template, values: list, *, wire: bool = False) -> Any:
     if kind == "operand":
         return values[body]
     if kind == "value":
-        return body.value if wire else copy.deepcopy(body.value)
+        return json_number(body.value) if wire else copy.deepcopy(body.value)
     if kind == "list":
         return [build(t, values, wire=wire) for t in body]
     return {k: build(t, values, wire=wire) for k, t in body}
