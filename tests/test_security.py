@@ -385,3 +385,12 @@ def _open_files() -> list[str]:
         with contextlib.suppress(OSError):  # the listing's own descriptor
             found.append(os.readlink(f"/proc/self/fd/{fd}"))
     return found
+
+
+def test_run_id_cannot_name_a_folder_outside_the_output_path(stalling_lx):
+    """The hidden `run_id` query names the run folder: a path in it is refused."""
+    import requests
+
+    url = f"{stalling_lx.urls[0]}/apply?run_id=../../escape"
+    r = requests.post(url, json={"inputs": {"x": [1.0], "b": [0.0]}}, timeout=30)
+    assert r.status_code == 422 and "run_id" in r.text

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from fastapi.exceptions import RequestValidationError
 from tesseract_core.runtime.core import create_endpoints
 from tesseract_core.runtime.schema_generation import create_abstract_eval_schema
-from tesseract_core.runtime.tree_transforms import LRUCache
+from tesseract_core.runtime.tree_transforms import get_at_path, LRUCache
 
 from .cache import LinearisationCache, primal_digest
 
@@ -117,3 +118,40 @@ def output_shapes_fn(api_module: types.ModuleType) -> Callable[[Any], Any]:
         return shapes
 
     return output_shapes
+
+
+def cotangent_check(output_shapes: Callable[[Any], Any]) -> Callable[[Any], None]:
+    """`check(payload)` of `/vector_jacobian_product`: a 422 for a cotangent whose
+    shape is not its output's at the point.
+
+    tesseract-core checks a cotangent against the output's schema only, where
+    `(None,)` means any size: the Tesseract's VJP would raise, a 500.
+    """
+
+    def check(payload: Any) -> None:
+        shapes = output_shapes(payload.inputs)
+        if shapes is None:
+            return
+        errors = []
+        for path, arr in payload.cotangent_vector.items():
+            try:
+                expected = tuple(get_at_path(shapes, path)["shape"])
+            except (LookupError, AttributeError, TypeError):
+                continue
+            if tuple(np.shape(arr)) != expected:
+                msg = (
+                    f"Value error, `cotangent_vector.{path}` has shape "
+                    f"{tuple(np.shape(arr))}; expected {expected}, the shape of "
+                    f"output `{path}` at these inputs."
+                )
+                errors.append(
+                    {
+                        "type": "value_error",
+                        "loc": ("body", "cotangent_vector"),
+                        "msg": msg,
+                    }
+                )
+        if errors:
+            raise RequestValidationError(errors)
+
+    return check

@@ -80,11 +80,13 @@ class BinrefGuard:
             except orjson.JSONDecodeError:
                 where = None  # the app answers a malformed body itself
             if where is not None:
-                detail = (
-                    f"`{where}`: a binref array must name a file inside the server's "
-                    "input folder, by a relative path without `..`; absolute paths "
-                    "and URLs are refused."
+                # As FastAPI answers a 422, as `/openapi.json` documents it.
+                msg = (
+                    "a binref array must name a file inside the server's input "
+                    "folder, by a relative path without `..`; absolute paths and URLs "
+                    "are refused."
                 )
+                detail = [{"type": "value_error", "loc": _loc(where), "msg": msg}]
                 await _respond(send, 422, detail)
                 return
         sent = False
@@ -99,7 +101,18 @@ class BinrefGuard:
         await self.app(scope, replay, send)
 
 
-async def _respond(send: Send, status: int, detail: str) -> None:
+def _loc(where: str) -> list:
+    """`find_escape`'s path as a FastAPI `loc`: `inputs.[0].x` -> body, inputs, 0, x."""
+    if where == "body":
+        return ["body"]
+    index = re.compile(r"^\[(\d+)\]$")
+    return [
+        "body",
+        *(int(m[1]) if (m := index.match(p)) else p for p in where.split(".")),
+    ]
+
+
+async def _respond(send: Send, status: int, detail: str | list) -> None:
     body = json.dumps({"detail": detail}).encode()
     headers = [
         (b"content-type", b"application/json"),

@@ -26,6 +26,8 @@ status.
 
 import inspect
 import logging
+import math
+import re
 import threading
 import traceback
 import uuid
@@ -33,20 +35,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from tesseract_core.runtime import mpa
 from tesseract_core.runtime.config import get_config
 from tesseract_core.runtime.cuda.serving import EXPORTS_DONE_HEADER, ResponseExports
 from tesseract_core.runtime.file_interactions import join_paths
 from tesseract_core.runtime.profiler import Profiler
+from tesseract_core.runtime.schema_types import ShapeDType
 from tesseract_core.runtime.serve import create_response, negotiate_encoding
 
 from .._wire.spec import error_body
 
 
 logger = logging.getLogger("tesseract_lx.server")
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class TesseractFailure(Exception):
@@ -159,11 +166,14 @@ class Runner:
                 raise TesseractFailure(endpoint, e) from e
 
 
-def computational_route(endpoint: Callable, runner: Runner) -> Callable:
+def computational_route(
+    endpoint: Callable, runner: Runner, check: Callable[[Any], None] | None = None
+) -> Callable:
     """The async route of a computational endpoint (`fn(payload) -> pydantic model`).
 
     Its OpenAPI entry is tesseract-core's: the payload and result models of `endpoint`,
     an optional `accept` header, hidden `run_id` and `exports-done` parameters.
+    `check(payload)`, called first, may refuse the request.
     """
     name = endpoint.__name__
     Payload = endpoint.__annotations__["payload"]
@@ -185,10 +195,17 @@ def computational_route(endpoint: Callable, runner: Runner) -> Callable:
                 encoding.gpu_transport, acknowledged=exports_done is not None
             )
         output_path = config.output_path
+        if run_id is not None and not _RUN_ID.fullmatch(run_id):
+            # It names a folder under the output path: no `/`, no `..`.
+            raise HTTPException(
+                422, "`run_id` must be 1-128 letters, digits, `-` or `_`."
+            )
         rundir_name = f"run_{run_id or uuid.uuid4()}"
         rundir = join_paths(output_path, rundir_name)
 
         def compute_and_encode() -> Any:
+            if check is not None:
+                check(payload)
             result = runner.call(name, lambda: endpoint(payload), rundir=rundir)
 
             def make_response(device_exports: Any = None) -> Any:
@@ -221,12 +238,57 @@ def computational_route(endpoint: Callable, runner: Runner) -> Callable:
     return route
 
 
-def plain_route(endpoint: Callable, runner: Runner) -> Callable:
+def check_abstract_shapes(payload: Any) -> None:
+    """A 422 for a `ShapeDType` no NumPy array can have: a size < 0, or more than
+    `intp`'s maximum of bytes.
+
+    tesseract-core's `ShapeDType` takes any ints, and checks only the rank and the
+    fixed sizes: `/abstract_eval` would hand `(-1,)` to the Tesseract, and answer
+    500 for what it raises.
+    """
+    limit = np.iinfo(np.intp).max
+    errors = []
+
+    def walk(x: Any, loc: tuple) -> None:
+        if isinstance(x, ShapeDType):
+            shape = tuple(x.shape)
+            nbytes = math.prod(shape) * np.dtype(x.dtype).itemsize
+            if any(not 0 <= d <= limit for d in shape) or nbytes > limit:
+                errors.append(
+                    {
+                        "type": "value_error",
+                        "loc": (*loc, "shape"),
+                        "msg": f"Value error, no {x.dtype} array has shape {shape}: "
+                        f"sizes must be >= 0, and its bytes at most {limit}.",
+                        "input": list(shape),
+                    }
+                )
+        elif isinstance(x, BaseModel):
+            for k in type(x).model_fields:
+                walk(getattr(x, k), (*loc, k))
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, (*loc, k))
+        elif isinstance(x, list | tuple):
+            for i, v in enumerate(x):
+                walk(v, (*loc, i))
+
+    walk(payload, ("body",))
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def plain_route(
+    endpoint: Callable, runner: Runner, check: Callable[..., None] | None = None
+) -> Callable:
     """A synchronous route (FastAPI runs it in its thread pool) for an endpoint that
-    tesseract-core does not wrap (`abstract_eval`): no run folder, same errors."""
+    tesseract-core does not wrap (`abstract_eval`): no run folder, same errors.
+    `check`, called first with the endpoint's arguments, may refuse the request."""
     name = endpoint.__name__
 
     def route(*args: Any, **kwargs: Any) -> Any:
+        if check is not None:
+            check(*args, **kwargs)
         return runner.call(name, lambda: endpoint(*args, **kwargs))
 
     route.__signature__ = inspect.signature(endpoint)  # type: ignore[attr-defined]

@@ -30,7 +30,16 @@ def encode_array(x: Any) -> dict:
 
 
 def is_encoded_array(x: Any) -> bool:
-    return isinstance(x, dict) and "data" in x and "shape" in x and "dtype" in x
+    """An array dict: its keys alone do not tell (a tree may have fields named
+    `data`, `shape` and `dtype`), their types do."""
+    return (
+        isinstance(x, dict)
+        and isinstance(x.get("data"), dict)
+        and isinstance(x["data"].get("encoding"), str)
+        and isinstance(x.get("shape"), list)
+        and all(type(n) is int for n in x["shape"])
+        and isinstance(x.get("dtype"), str)
+    )
 
 
 def decode_array(d: dict) -> np.ndarray:
