@@ -26,6 +26,15 @@ _OUTPUTS = tempfile.mkdtemp(prefix="tesseract_lx_tests_")
 os.environ.setdefault("TESSERACT_OUTPUT_PATH", _OUTPUTS)
 atexit.register(shutil.rmtree, _OUTPUTS, True)
 
+# hypothesis (and schemathesis on it) would keep examples and caches in
+# `./.hypothesis`: no example database, and its caches in the temporary directory.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(_OUTPUTS, "hyp"))
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+
+_hypothesis_settings.register_profile("tesseract_lx", database=None)
+_hypothesis_settings.load_profile("tesseract_lx")
+
 import pytest  # noqa: E402
 import tesseract_lx as tlx  # noqa: E402
 
