@@ -22,7 +22,7 @@ job=${1:-demo}
 shift || true
 case "$job" in
     demo) exec python examples/bratu_newton.py "$@" ;;
-    test) ruff check --quiet . && pyright --warnings && exec python -m pytest -q "$@" ;;
+    test) ruff check --quiet . && pyright --warnings && exec python -m pytest -q --durations=15 "$@" ;;
     bench) exec python benchmarks/batching.py "$@" ;;
     *) echo "usage: bash dev.sh {demo|test|bench} [args...]" >&2; exit 2 ;;
 esac

@@ -75,7 +75,7 @@ ENDPOINTS = (
 # Requests per endpoint and Tesseract (positive and negative together): the file
 # runs in well under a minute on 2 cores. More for a deeper search:
 # `TESSERACT_LX_FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py`.
-EXAMPLES_PER_ENDPOINT = int(os.environ.get("TESSERACT_LX_FUZZ_EXAMPLES", "20"))
+EXAMPLES_PER_ENDPOINT = int(os.environ.get("TESSERACT_LX_FUZZ_EXAMPLES", "10"))
 
 
 #

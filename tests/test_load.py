@@ -29,8 +29,8 @@ from references import bratu_inputs, bratu_ref
 
 FULL = os.environ.get("TESSERACT_LX_FULL_LOAD") == "1"
 THREADS = 4
-PER_THREAD = 500 if FULL else 100
-SOAK = 5000 if FULL else 1000
+PER_THREAD = 500 if FULL else 50
+SOAK = 5000 if FULL else 600
 # Grid side: n = 9 unknowns, so a Jacobian is 9 tangents in one batched request.
 N = 3
 K = 3  # vectors per batched JVP or VJP
