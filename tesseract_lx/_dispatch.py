@@ -21,7 +21,7 @@ from ._batching import plan
 from ._call import Call
 from ._dtypes import conform
 from ._errors import TesseractNonFiniteError
-from ._tree import flatten_outputs
+from ._tree import flatten_outputs, Leaf
 from ._wire import paths
 from ._wire.schema import ArrayNode, node_at
 from ._wire.spec import APPLY, BATCHED_APPLY, JACOBIAN, JVP, VJP
@@ -84,18 +84,23 @@ def _size(arrays) -> int:
     return int(sum(np.size(a) for a in arrays))
 
 
+def _answer(response: Any, leaf: Leaf, endpoint: str) -> np.ndarray:
+    """The output `leaf` of an `/apply` answer, in the dtype it expects."""
+    try:
+        value = paths.get(response, leaf.path)
+    except KeyError:
+        raise ValueError(
+            f"`/{endpoint}` answered without output `{leaf.path}`, which the "
+            "output structure (from the schema or `/abstract_eval`) promised."
+        ) from None
+    return conform(value, leaf.dtype, leaf.path, endpoint)
+
+
 def _pick(call: Call, response: Any, endpoint: str) -> list[np.ndarray]:
     """The call's output leaves out of an `/apply` answer, in the expected dtypes."""
     outs = []
     for leaf in call.outputs:
-        try:
-            value = paths.get(response, leaf.path)
-        except KeyError:
-            raise ValueError(
-                f"`/{endpoint}` answered without output `{leaf.path}`, which the "
-                "output structure (from the schema or `/abstract_eval`) promised."
-            ) from None
-        value = conform(value, leaf.dtype, leaf.path, endpoint)
+        value = _answer(response, leaf, endpoint)
         if value.shape != leaf.shape:
             raise ValueError(
                 f"`/{endpoint}` answered `{leaf.path}` with shape {value.shape}, but "
@@ -233,7 +238,7 @@ def _apply_stacked(call: Call, arrays, batched, method: str) -> list[np.ndarray]
     response = call.client.request(APPLY, payload, size=_size(stacked), k=k)
     outs = []
     for leaf in call.outputs:
-        value = conform(paths.get(response, leaf.path), leaf.dtype, leaf.path, APPLY)
+        value = _answer(response, leaf, APPLY)
         if value.shape[1:] != leaf.shape or value.shape[:1] not in ((k,), (1,)):
             raise ValueError(
                 f"`vmap_method={method!r}`: `/apply` of {k} stacked points answered "
