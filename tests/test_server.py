@@ -821,14 +821,17 @@ def test_impure_tesseract_and_the_cache(servers, tmp_session):
     np.testing.assert_allclose(_jvp_y(url, x), first + 1.0)
 
     # Undeclared with the cache on: the purity assumption is broken, and the cached
-    # linearisation at `x` answers with the `scale` of its day: stale.
+    # linearisation at `x` answers with the `scale` of its day: stale. So does a new
+    # point of the same shapes: the linearisation is compiled once per signature,
+    # with the `scale` of its first trace as a constant.
     undeclared = tmp_session / "stateful_undeclared" / "tesseract_api.py"
     app = create_app(load_module_from_path(undeclared))
     assert app.state.tesseract_lx.info()["linearisation_cache"]["active"] is True
     first = _jvp_y(app, x)
     _apply(app, x)
     np.testing.assert_allclose(_jvp_y(app, x), first)  # stale
-    np.testing.assert_allclose(_jvp_y(app, x + 1.0), first + 1.0)  # a new point: fresh
+    np.testing.assert_allclose(_jvp_y(app, x + 1.0), first)  # a new point: stale too
+    assert app.state.tesseract_lx.info()["linearisation_cache"]["compiles"] == 1
 
 
 def test_malformed_declaration_stops_the_server(servers):
@@ -938,6 +941,8 @@ def test_linearisation_cache_hits_and_misses(servers):
     after_moved = _cache(url)
     assert after_moved["misses"] == after_first["misses"] + 1
     assert after_moved["entries"] >= 2 and after_moved["bytes"] > 0
+    # ... of the same signature: the compiled linearisation serves it.
+    assert after_moved["compiles"] == after_first["compiles"] >= 1
 
 
 def test_json_encoding_and_dtype_cast(servers):

@@ -199,12 +199,8 @@ def batched_gradient_endpoint(
     def vmapped(inputs: Any, ins: Any, outs: Any, vec: dict) -> Any:
         import jax
 
-        first = {p: v[0] for p, v in vec.items()}
         if state.cache is not None:
-            lin = state.cache.linear(kind, raw_fn, inputs, ins, outs, first)
-            if lin is None:
-                return None
-            return jax.vmap(lin)(vec)
+            return state.cache.call_batch(kind, raw_fn, inputs, ins, outs, vec)
         try:
             return jax.vmap(lambda v: raw_fn(inputs, set(ins), set(outs), v))(vec)
         except Exception:

@@ -26,8 +26,6 @@ Never is a point assumed to map over a leading axis unless the Tesseract says so
 stack of `y`s.
 """
 
-import dataclasses
-import functools
 import types
 from collections.abc import Callable
 from typing import Any
@@ -38,97 +36,14 @@ from pydantic import (
     ConfigDict,
     Field,
     field_validator,
-    PrivateAttr,
     RootModel,
     ValidationError,
 )
-from tesseract_core.runtime.tree_transforms import is_arraylike
 
 from .._wire.spec import BATCHED_APPLY, Declaration
 from .declare import ServerState
 from .limits import check_batch
-
-
-Path = tuple[Any, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Slot:
-    """Where an array leaf sits in a tree's skeleton, and its shape and dtype."""
-
-    path: Path
-    shape: tuple[int, ...]
-    dtype: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """A leaf that is not an array: points must agree on it to be stacked."""
-
-    type: type
-    value: Any
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _Static) or self.type is not other.type:
-            return False
-        try:
-            return bool(self.value == other.value)
-        except Exception:
-            return False
-
-    def __hash__(self) -> int:
-        return hash(self.type)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Model:
-    """A pydantic model in a skeleton: its class and its fields' skeletons."""
-
-    cls: type
-    fields: dict[str, Any]
-
-
-def flatten(tree: Any, path: Path = ()) -> tuple[Any, dict[Path, Any]]:
-    """`(skeleton, {path: array})` of a tree of dicts, lists, tuples and models.
-
-    Two trees with equal skeletons have the same structure, the same non-array leaves
-    and arrays of the same shapes and dtypes.
-    """
-    arrays: dict[Path, Any] = {}
-
-    def walk(x: Any, p: Path) -> Any:
-        if isinstance(x, BaseModel):
-            return _Model(
-                type(x), {k: walk(getattr(x, k), (*p, k)) for k in _fields(x)}
-            )
-        if isinstance(x, dict):
-            return {k: walk(v, (*p, k)) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return type(x)(walk(v, (*p, i)) for i, v in enumerate(x))
-        if is_arraylike(x):
-            arrays[p] = x
-            return _Slot(p, tuple(np.shape(x)), str(x.dtype))
-        return _Static(type(x), x)
-
-    return walk(tree, path), arrays
-
-
-def _fields(model: BaseModel) -> list[str]:
-    return list(type(model).model_fields)
-
-
-def unflatten(skeleton: Any, arrays: dict[Path, Any]) -> Any:
-    """The tree of `skeleton`, its array leaves taken from `arrays`; models become
-    dicts (a dump)."""
-    if isinstance(skeleton, _Slot):
-        return arrays[skeleton.path]
-    if isinstance(skeleton, _Static):
-        return skeleton.value
-    if isinstance(skeleton, _Model):
-        return {k: unflatten(v, arrays) for k, v in skeleton.fields.items()}
-    if isinstance(skeleton, dict):
-        return {k: unflatten(v, arrays) for k, v in skeleton.items()}
-    return type(skeleton)(unflatten(v, arrays) for v in skeleton)
+from .trees import flatten, Path, traced, unflatten
 
 
 def stack_points(points: list[BaseModel]) -> tuple[Any, dict[Path, np.ndarray]] | None:
@@ -190,40 +105,6 @@ def _unchecked_outputs(apply: Callable, OutputSchema: type) -> Callable:
     return fn
 
 
-@functools.lru_cache(maxsize=64)
-def _traced_class(cls: type[BaseModel]) -> type[BaseModel]:
-    """A subclass of the input model whose `model_dump()` returns a given dump (with
-    tracers in it): tesseract-core's array serialiser would turn them into NumPy."""
-
-    class Traced(cls):  # type: ignore[valid-type, misc]
-        _lx_dump: Any = PrivateAttr(default=None)
-
-        def model_dump(self, *args: Any, **kwargs: Any) -> Any:
-            if (
-                args
-                or set(kwargs) - {"mode"}
-                or kwargs.get("mode") not in (None, "python")
-            ):
-                raise TypeError("only `model_dump()` is supported while tracing")
-            return self._lx_dump
-
-    Traced.__name__ = Traced.__qualname__ = cls.__name__
-    return Traced
-
-
-def _rebuild(x: Any, p: Path, arrays: dict[Path, Any], top: bool = False) -> Any:
-    """`x` with the array leaves at `arrays`' paths replaced; models unvalidated."""
-    if isinstance(x, BaseModel):
-        values = {k: _rebuild(getattr(x, k), (*p, k), arrays) for k in _fields(x)}
-        cls = _traced_class(type(x)) if top else type(x)
-        return cls.model_construct(**values)
-    if isinstance(x, dict):
-        return {k: _rebuild(v, (*p, k), arrays) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return type(x)(_rebuild(v, (*p, i), arrays) for i, v in enumerate(x))
-    return arrays.get(p, x)
-
-
 def vmap_apply(api_module: types.ModuleType, points: list[BaseModel]) -> list | None:
     """The K outputs by `jax.vmap` of `apply`; `None` if the points differ in
     structure or shapes. Raises what tracing raises."""
@@ -235,21 +116,20 @@ def vmap_apply(api_module: types.ModuleType, points: list[BaseModel]) -> list | 
     skeleton, arrays = stacked
     paths = list(arrays)
     apply = _unchecked_outputs(api_module.apply, api_module.OutputSchema)
-    traced: dict[str, Any] = {}
+    out_tree: dict[str, Any] = {}
 
     def one(leaves: list) -> list:
         values = dict(zip(paths, leaves, strict=True))
-        inputs = _rebuild(points[0], (), values, top=True)
-        inputs._lx_dump = unflatten(skeleton, values)
+        inputs = traced(points[0], skeleton, values)
         out_skeleton, out_arrays = flatten(apply(inputs))
-        traced["skeleton"], traced["paths"] = out_skeleton, list(out_arrays)
+        out_tree["skeleton"], out_tree["paths"] = out_skeleton, list(out_arrays)
         return list(out_arrays.values())
 
     leaves = jax.vmap(one)([arrays[p] for p in paths])
-    out_arrays = dict(zip(traced["paths"], map(np.asarray, leaves), strict=True))
+    out_arrays = dict(zip(out_tree["paths"], map(np.asarray, leaves), strict=True))
     k = len(points)
     return [
-        unflatten(traced["skeleton"], {p: a[i] for p, a in out_arrays.items()})
+        unflatten(out_tree["skeleton"], {p: a[i] for p, a in out_arrays.items()})
         for i in range(k)
     ]
 
