@@ -202,13 +202,33 @@ def estimate_costs(
 
 
 def decide(
-    client, rule: AbstractBatching, kind: str, k: int, n_in: int, n_out: int, size: int
+    client,
+    rule: AbstractBatching,
+    kind: str,
+    k: int,
+    n_in: int,
+    n_out: int,
+    size: int,
+    basis: bool = False,
 ) -> Decision:
-    """The decision for K items under `rule`, without recording it."""
+    """The decision for K items under `rule`, without recording it.
+
+    `basis`: the K vectors are the standard basis (`jax.jacfwd`, `as_matrix`): `Auto`
+    then asks for the Jacobian itself (one `/jacobian`, nothing uploaded).
+    """
     allowed = available(client, kind)
     named = _name(rule)
     if named is not None and named in allowed:
         return Decision(kind, k, named, {}, f"K={k}: `{named}`, as asked")
+    if basis and isinstance(rule, Auto) and rule.jacobian and "jacobian" in allowed:
+        return Decision(
+            kind,
+            k,
+            "jacobian",
+            {},
+            f"K={k}: the vectors are the standard basis, so the Jacobian itself: one "
+            "`/jacobian`, no basis uploaded",
+        )
     costs = estimate_costs(client, kind, k, n_in, n_out, size)
     if isinstance(rule, Auto) and not rule.jacobian and len(costs) > 1:
         costs.pop("jacobian", None)
@@ -234,10 +254,17 @@ def decide(
 
 
 def plan(
-    client, rule: AbstractBatching, kind: str, k: int, n_in: int, n_out: int, size: int
+    client,
+    rule: AbstractBatching,
+    kind: str,
+    k: int,
+    n_in: int,
+    n_out: int,
+    size: int,
+    basis: bool = False,
 ) -> Plan:
     """Resolve `rule` for one batch of K items, and record the decision."""
-    decision = decide(client, rule, kind, k, n_in, n_out, size)
+    decision = decide(client, rule, kind, k, n_in, n_out, size, basis)
     if not (
         isinstance(rule, Sequential | Concurrent | Jacobian | Batched)
         and (_name(rule) == decision.chosen)

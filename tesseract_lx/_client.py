@@ -37,9 +37,10 @@ from ._transport import (
     TesseractTransport,
     Timeouts,
 )
+from ._wire import binary
 from ._wire.encoding import ACCEPT, decode_tree, encode_tree
 from ._wire.schema import parse_openapi, Schema
-from ._wire.spec import Capabilities
+from ._wire.spec import Capabilities, COMPUTATIONAL
 
 
 class _LRU(collections.OrderedDict):
@@ -227,6 +228,8 @@ class Client:
             body = self._redact(response.content)
             raise from_response(endpoint, response.status, body, url)
         try:
+            if response.content_type == binary.MEDIA_TYPE:
+                return binary.decode(response.content)
             return parse(orjson.loads(response.content))
         except malformed as e:
             why = self._redact(f"{type(e).__name__}: {e}".encode()).decode()
@@ -291,12 +294,23 @@ class Client:
         if replica is None:
             replica = next(self._next)
         transport = self._transports[replica % len(self._transports)]
-        body = orjson.dumps(encode_tree(payload), option=orjson.OPT_SERIALIZE_NUMPY)
+        headers = None
+        # Binary where the server said it takes it (never fetching the schema here).
+        if (
+            transport.binary
+            and endpoint in COMPUTATIONAL
+            and self._schema is not None
+            and self._schema.capabilities.binary == binary.MEDIA_TYPE
+        ):
+            body = binary.encode(payload)
+            headers = _BINARY_HEADERS
+        else:
+            body = orjson.dumps(encode_tree(payload), option=orjson.OPT_SERIALIZE_NUMPY)
         with self._lock:
             self.stats[endpoint] += 1
         start = time.perf_counter()
         try:
-            response = transport.send("POST", endpoint, body)
+            response = transport.send("POST", endpoint, body, headers)
             result = self._decode(endpoint, response, transport.url, decode_tree)
         except TesseractError as e:
             self.last_error = e
@@ -356,6 +370,8 @@ class Client:
 _WRAPPED: "weakref.WeakKeyDictionary[Any, Client]" = weakref.WeakKeyDictionary()
 _WRAP_LOCK = threading.Lock()
 _HEADERS = {"Content-Type": "application/json", "Accept": ACCEPT}
+# The lean path (`_wire/binary.py`), for a server that offers it.
+_BINARY_HEADERS = {"Content-Type": binary.MEDIA_TYPE, "Accept": binary.MEDIA_TYPE}
 _SECRET_HEADER = re.compile(r"auth|token|key|secret|cookie|password", re.IGNORECASE)
 
 

@@ -283,6 +283,37 @@ def _contract(jac, lin, src, dst, dst_shapes, k: int, forward: bool) -> dict:
     return out
 
 
+def _basis(lin: dict, src, k: int, n: int) -> np.ndarray | None:
+    """Where the K vectors' single 1 sits, if they are the standard basis in some
+    order (`jax.jacfwd`, `jax.jacrev`, `as_matrix`): the K x n matrix they stack is a
+    permutation matrix. `None` otherwise."""
+    if k < 2 or k != n:
+        return None
+    flat = [lin[s].reshape(k, -1) for s in src]
+    matrix = flat[0] if len(flat) == 1 else np.concatenate(flat, axis=1)
+    if np.count_nonzero(matrix) != k:
+        return None
+    where = np.argmax(matrix != 0, axis=1)
+    if (matrix[np.arange(k), where] != 1).any() or len(np.unique(where)) != k:
+        return None
+    return where
+
+
+def _rows(jac, src, dst, dst_shapes, where: np.ndarray, forward: bool) -> dict:
+    """`_contract` of `jac` with the standard basis in the order `where`: its
+    blocks, rearranged."""
+    out = {}
+    for d in dst:
+        size = math.prod(dst_shapes[d])
+        if forward:  # column j of [J_d,s1 | J_d,s2 | ...]
+            blocks = [jac[(d, s)].reshape(size, -1) for s in src]
+            m = np.concatenate(blocks, axis=1).T
+        else:  # row j of [J_s1,d; J_s2,d; ...]
+            m = np.concatenate([jac[(s, d)].reshape(-1, size) for s in src], axis=0)
+        out[d] = m[where].reshape(len(where), *dst_shapes[d])
+    return out
+
+
 def linear(call: Call, kind: str, primals, src, dst, lin, k: int, dst_shapes) -> dict:
     """K (co)tangents at one point: `lin[path]` has shape `(K, *shape)`.
 
@@ -305,7 +336,10 @@ def linear(call: Call, kind: str, primals, src, dst, lin, k: int, dst_shapes) ->
     n_dst = sum(math.prod(dst_shapes[d]) for d in dst)
     n_in, n_out = (n_src, n_dst) if forward else (n_dst, n_src)
     size = _size(primals)
-    how = plan(client, call.batching, kind, k, n_in, n_out, size)
+    basis = _basis(lin, src, k, n_src)
+    how = plan(
+        client, call.batching, kind, k, n_in, n_out, size, basis=basis is not None
+    )
     inputs = call.payload(primals)
     sel = (list(src), list(dst)) if forward else (list(dst), list(src))
     if how.rule == "jacobian":
@@ -314,7 +348,10 @@ def linear(call: Call, kind: str, primals, src, dst, lin, k: int, dst_shapes) ->
         jac = {(o, i): np.asarray(result[o][i]) for o in sel[1] for i in sel[0]}
         for (o, i), block in jac.items():
             check_finite(call, JACOBIAN, o, block, wrt=i)
-        out = _contract(jac, lin, src, dst, dst_shapes, k, forward)
+        if basis is not None:
+            out = _rows(jac, src, dst, dst_shapes, basis, forward)
+        else:
+            out = _contract(jac, lin, src, dst, dst_shapes, k, forward)
         # The answer the caller gets, whatever the rule: NaN in a (co)tangent too.
         for d in dst:
             check_finite(call, JACOBIAN, d, out[d], k)

@@ -2,7 +2,8 @@
 
 The operators sit on a `TesseractModule` and bind its primitives directly, so an
 `mv` is one request and no `/apply` goes with it. Materialising is a vmap of `mv` over
-the identity under the `batched` (else `jacobian`) rule: one request, never n.
+the identity under the `jacobian` (else `batched`) rule: one request, never n, and
+with `/jacobian` no basis uploaded.
 """
 
 import dataclasses
@@ -138,15 +139,15 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
         return self._derivative(vector)
 
     def as_matrix(self) -> Float[Array, "m n"]:
-        """The matrix, in one request (`batched` JVP/VJP of the identity, else
-        `/jacobian`); sequential JVPs only if the Tesseract serves neither."""
+        """The matrix, in one request (`/jacobian`, else a `batched` JVP/VJP of the
+        identity); sequential JVPs only if the Tesseract serves neither."""
         call, _, _, _ = self._call()
         kind, other = (VJP, JVP) if self.transposed else (JVP, VJP)
         # A Tesseract serving neither this direction, its batched endpoint nor
         # `/jacobian` gets it from the other direction: batch that one instead.
         client = self.module.client
         rules = available(client, kind) or available(client, other)
-        rule = next((r for r in ("batched", "jacobian") if r in rules), call.batching)
+        rule = next((r for r in ("jacobian", "batched") if r in rules), call.batching)
         module = TesseractModule(client, rule, strict_dtype=self.module.strict_dtype)
         op = _replace(self, module=module)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.in_structure())

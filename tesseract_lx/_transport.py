@@ -42,6 +42,7 @@ from ._wire.spec import error_body
 class Response:
     status: int
     content: bytes
+    content_type: str = "application/json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,15 +120,30 @@ class HTTPTransport:
                 self._sessions.discard(session)
             session.close()
 
-    def send(self, method: str, endpoint: str, body: bytes | None = None) -> Response:
+    # Takes `binary.MEDIA_TYPE` bodies (`headers` say so per request).
+    binary = True
+
+    def send(
+        self,
+        method: str,
+        endpoint: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
         url = f"{self.url}/{endpoint}"
         timeout = (self.timeouts.connect, self.timeouts.read)
         delay = _BACKOFF
         error: Exception | None = None
         for attempt in range(_RETRIES + 1):
             try:
-                r = self._session().request(method, url, data=body, timeout=timeout)
-                return Response(r.status_code, r.content)
+                r = self._session().request(
+                    method, url, data=body, timeout=timeout, headers=headers
+                )
+                return Response(
+                    r.status_code,
+                    r.content,
+                    r.headers.get("content-type", "application/json"),
+                )
             except requests.ConnectTimeout as e:
                 self._drop_session()
                 raise TesseractTimeoutError(
@@ -211,8 +227,17 @@ class ASGITransport:
                 self._loops.append(loop)
         return loop
 
-    async def _call(self, method: str, endpoint: str, body: bytes) -> Response:
-        headers = [*self.headers, (b"content-length", str(len(body)).encode())]
+    binary = True
+
+    async def _call(
+        self, method: str, endpoint: str, body: bytes, extra: dict[str, str]
+    ) -> Response:
+        replaced = {k.lower().encode() for k in extra}
+        headers = [
+            *(h for h in self.headers if h[0] not in replaced),
+            *((k.lower().encode(), v.encode()) for k, v in extra.items()),
+            (b"content-length", str(len(body)).encode()),
+        ]
         path, _, query = f"/{endpoint}".partition("?")
         scope = {
             "type": "http",
@@ -240,12 +265,16 @@ class ASGITransport:
             return {"type": "http.disconnect"}
 
         status = 500
+        content_type = "application/json"
         chunks: list[bytes] = []
 
         async def send(message: dict) -> None:
-            nonlocal status
+            nonlocal status, content_type
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for key, value in message.get("headers", ()):
+                    if key.lower() == b"content-type":
+                        content_type = value.decode("latin-1")
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
@@ -257,11 +286,17 @@ class ASGITransport:
             # Starlette re-raises a route's exception after it has sent the 500.
             if not chunks:
                 raise
-        return Response(status, b"".join(chunks))
+        return Response(status, b"".join(chunks), content_type)
 
-    def send(self, method: str, endpoint: str, body: bytes | None = None) -> Response:
+    def send(
+        self,
+        method: str,
+        endpoint: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
         return self._loop().run_until_complete(
-            self._call(method, endpoint, body or b"")
+            self._call(method, endpoint, body or b"", headers or {})
         )
 
     def close(self) -> None:
@@ -335,7 +370,16 @@ class TesseractTransport:
             200, orjson.dumps(encode_tree(result), option=orjson.OPT_SERIALIZE_NUMPY)
         )
 
-    def send(self, method: str, endpoint: str, body: bytes | None = None) -> Response:
+    # JSON only: payloads are decoded here for the object's own methods.
+    binary = False
+
+    def send(
+        self,
+        method: str,
+        endpoint: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
         future = self._pool.submit(self._answer, method, endpoint, body)
         try:
             return future.result(timeout=self.timeout)

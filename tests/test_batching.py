@@ -139,20 +139,22 @@ def test_k64_tangents_are_one_request(client, case, batching):
 
 
 @pytest.mark.parametrize("tesseract", ["bratu", "pytree"])
-@pytest.mark.parametrize("transport", ["tlx", "inprocess"])
-def test_jacrev_is_one_vjp_family_request(client, case):
-    """`jax.jacrev` of an m-output Tesseract: one request, not m."""
+@pytest.mark.parametrize("transport", ["tlx", "inprocess", "stock"])
+@pytest.mark.parametrize("jac", [jax.jacfwd, jax.jacrev])
+def test_jacfwd_and_jacrev_are_one_jacobian_request(client, case, jac):
+    """`jax.jacfwd` (n JVPs of the input basis) and `jax.jacrev` (m VJPs of the
+    output basis) under `auto`: the Jacobian itself, in one request, no basis
+    uploaded."""
     f = tlx.TesseractModule(client, batching="auto")
     inputs = case.inputs()
     diff, _ = case.split(inputs)
-    jac = jax.jacrev(case.fn(f, inputs))(diff)
+    got = jac(case.fn(f, inputs))(diff)
     ref_fn = case.fn(case.ref, inputs)
-    assert tree_allclose(jac, jax.jacrev(ref_fn)(diff))
+    assert tree_allclose(got, jac(ref_fn)(diff))
+    assert client.stats == {"apply": 1, "jacobian": 1}
     (decision,) = client.decisions
-    assert decision.k == size(ref_fn(diff))
-    # Both are one request; at K = m the cost model rates them nearly equal.
-    endpoint = {"batched": BATCHED[VJP], "jacobian": "jacobian"}[decision.chosen]
-    assert client.stats == {"apply": 1, endpoint: 1}
+    assert decision.chosen == "jacobian" and "standard basis" in decision.reason
+    assert decision.k == size(diff if jac is jax.jacfwd else ref_fn(diff))
 
 
 #

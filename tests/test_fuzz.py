@@ -652,8 +652,11 @@ class _Echo:
     """A transport whose server answers every request with its own body."""
 
     url = "http://127.0.0.1:9"
+    binary = False  # JSON, whatever the server says
 
-    def send(self, method: str, endpoint: str, body: bytes | None = None) -> Any:
+    def send(
+        self, method: str, endpoint: str, body: bytes | None = None, headers=None
+    ) -> Any:
         return Response(status=200, content=body or b"")
 
     def close(self) -> None:

@@ -117,7 +117,7 @@ def _table(client: tlx.Client, base: dict) -> dict:
         "batched_jvp": {BATCHED[JVP]: 1},
         "batched_vjp": {BATCHED[VJP]: 1},
         "jacfwd": {BATCHED[JVP]: 1},
-        "as_matrix": {BATCHED[JVP]: 1},
+        "as_matrix": {"jacobian": 1},
     }
     table = {}
     for kind, send in sends.items():

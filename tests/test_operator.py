@@ -37,8 +37,10 @@ STRUCTURE = jax.ShapeDtypeStruct((N, N), jnp.float64)
 
 
 def _materialising(transport: str) -> str:
-    """The one request that materialises a Jacobian over `transport`."""
-    return BATCHED[JVP] if has_batched(transport) else "jacobian"
+    """The one request that materialises a Jacobian (or its transpose) over
+    `transport`: the Jacobian itself (bratu and poisson serve `/jacobian`), no
+    identity uploaded."""
+    return "jacobian"
 
 
 def _vector(seed: int = 1, shape=(N, N)) -> jax.Array:
@@ -266,6 +268,9 @@ def test_mv_and_transpose(client, transport, operator):
     op = case.make(client)
     matrix = case.matrix()
     v = _vector()
+    # `auto` sends one vector to `/jacobian` if that is measured to take under half a
+    # JVP (a stock server with several workers): not what this test is about.
+    client.latency.clear()
 
     client.stats.clear()
     np.testing.assert_allclose(op.mv(v).reshape(-1), matrix @ v.reshape(-1), **TOL)
@@ -275,17 +280,6 @@ def test_mv_and_transpose(client, transport, operator):
     np.testing.assert_allclose(op.T.mv(v).reshape(-1), matrix.T @ v.reshape(-1), **TOL)
     assert client.stats == {case.backward: 1}
 
-    client.stats.clear()
-    np.testing.assert_allclose(op.as_matrix(), matrix, **TOL)
-    assert client.stats == {_materialising(transport): 1}
-
-    client.stats.clear()
-    np.testing.assert_allclose(op.T.as_matrix(), matrix.T, **TOL)
-    if case.symmetric or not has_batched(transport):
-        assert client.stats == {_materialising(transport): 1}
-    else:
-        assert client.stats == {BATCHED[VJP]: 1}
-
     # `.T.T` is the operator itself again.
     client.stats.clear()
     assert eqx.tree_equal(op.T.T, op)
@@ -294,6 +288,14 @@ def test_mv_and_transpose(client, transport, operator):
     assert client.stats == {}
     np.testing.assert_allclose(op.T.T.mv(v), op.mv(v), **TOL)
     assert client.stats == {case.forward: 2}
+
+    client.stats.clear()
+    np.testing.assert_allclose(op.as_matrix(), matrix, **TOL)
+    assert client.stats == {_materialising(transport): 1}
+
+    client.stats.clear()
+    np.testing.assert_allclose(op.T.as_matrix(), matrix.T, **TOL)
+    assert client.stats == {_materialising(transport): 1}
 
 
 @parametrize_transport

@@ -24,13 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import requests
+import tesseract_lx as tlx
 from tesseract_core import Tesseract
 from tesseract_core.runtime.core import load_module_from_path
 from tesseract_core.runtime.serve import create_rest_api
 from tesseract_lx._server import create_app
 from tesseract_lx._transport import ASGITransport
+from tesseract_lx._wire import binary
 from tesseract_lx._wire.encoding import ACCEPT, decode_tree, encode_tree
-from tesseract_lx._wire.spec import Capabilities
+from tesseract_lx._wire.spec import Capabilities, COMPUTATIONAL
 
 
 jax.config.update("jax_enable_x64", True)
@@ -956,3 +958,185 @@ def test_json_encoding_and_dtype_cast(servers):
     assert r.json()["y"]["data"]["encoding"] == "json"
     y = decode_tree(r.json())["y"]
     assert y.shape == (2, 4) and y.dtype == np.float64
+
+
+# -- the lean path: binary bodies ------------------------------------------------------
+
+
+def _binary(url: str, endpoint: str, payload: Any, accept: str = binary.MEDIA_TYPE):
+    return requests.post(
+        f"{url}/{endpoint}",
+        data=binary.encode(payload),
+        headers={"Content-Type": binary.MEDIA_TYPE, "Accept": accept},
+        timeout=60,
+    )
+
+
+def test_binary_codec_round_trip_and_refusals():
+    tree = {
+        "a": np.arange(6.0).reshape(2, 3),
+        "scalars": [np.float32(2.5), np.array(3, np.int64), np.array(True)],
+        "empty": np.zeros((0, 4), np.int32),
+        "c": np.array([1 + 2j], np.complex128),
+        "meta": {"s": "text", "n": 3, "none": None, "f": 1.5},
+    }
+    back = binary.decode(binary.encode(tree))
+    assert jax.tree.structure(back) == jax.tree.structure(
+        jax.tree.map(np.asarray, tree)
+    )
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+        assert np.asarray(got).dtype == np.asarray(want).dtype
+        np.testing.assert_array_equal(got, want)
+
+    body = binary.encode({"x": np.ones(3)})
+    header_size = int.from_bytes(body[4:8], "little")
+
+    def with_header(header: dict) -> bytes:
+        raw = json.dumps(header).encode()
+        raw += b" " * (-(8 + len(raw)) % 8)
+        return b"TLX1" + len(raw).to_bytes(4, "little") + raw + body[-24:]
+
+    entry = {"path": ["x"], "shape": [3], "dtype": "<f8"}
+    bad = {
+        b"TLX": "too short",
+        b"JSON" + body[4:]: "not b'TLX1'",
+        body[:8] + body[8 : 8 + header_size - 1]: "runs past the body's end",
+        with_header({"tree": {"x": None}, "arrays": [{**entry, "dtype": "|O"}]}): (
+            "not numeric"
+        ),
+        with_header({"tree": {"x": None}, "arrays": [{**entry, "dtype": ">f8"}]}): (
+            "not numeric, LE"
+        ),
+        with_header({"tree": {"x": None}, "arrays": [{**entry, "shape": [-3]}]}): (
+            "sizes >= 0"
+        ),
+        with_header({"tree": {"x": None}, "arrays": [{**entry, "shape": [4]}]}): (
+            "runs past the end"
+        ),
+        with_header({"tree": {"x": None}, "arrays": [{**entry, "path": ["y"]}]}): (
+            "leaves the tree at 'y'"
+        ),
+        with_header({"tree": {"x": 1}, "arrays": [entry]}): "does not hold `null`",
+    }
+    for raw, words in bad.items():
+        with pytest.raises(ValueError, match=re.escape(words)):
+            binary.decode(raw)
+
+
+@pytest.mark.parametrize("accept", [binary.MEDIA_TYPE, ACCEPT])
+def test_binary_route_answers_as_the_json_route(servers, accept):
+    url = servers["pytree"].url
+    info = requests.get(f"{url}/health", timeout=10).json()["tesseract_lx"]
+    assert info["binary"] == binary.MEDIA_TYPE
+    rng = np.random.default_rng(7)
+    inputs = _point("pytree", rng)
+    jvp = _jvp_payload(
+        inputs,
+        ["x", "params.a"],
+        ["y"],
+        {"x": rng.normal(size=5), "params.a": rng.normal(size=3)},
+    )
+    cases = {
+        "apply": {"inputs": inputs},
+        "jacobian_vector_product": jvp,
+        "vector_jacobian_product": _vjp_payload(
+            inputs,
+            ["x"],
+            ["y", "stats.norm"],
+            {"y": rng.normal(size=5), "stats.norm": np.float64(0.5)},
+        ),
+        "jacobian": {"inputs": inputs, "jac_inputs": ["x"], "jac_outputs": ["y"]},
+        "batched_jacobian_vector_product": {
+            **jvp,
+            "tangent_vector": {
+                "x": rng.normal(size=(3, 5)),
+                "params.a": rng.normal(size=(3, 3)),
+            },
+        },
+        "batched_apply": {"inputs": [inputs, _point("pytree", rng)]},
+    }
+    for endpoint, payload in cases.items():
+        r = _binary(url, endpoint, payload, accept)
+        assert r.status_code == 200, (endpoint, r.text)
+        want = _ok(url, endpoint, payload)
+        if accept == binary.MEDIA_TYPE:
+            assert r.headers["content-type"] == binary.MEDIA_TYPE
+            got = binary.decode(r.content)
+        else:
+            got = decode_tree(r.json())
+        got, want = jax.tree.map(np.asarray, (got, want))
+        assert jax.tree.structure(got) == jax.tree.structure(want), endpoint
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(g, w, err_msg=endpoint)
+
+
+def test_binary_route_errors(servers):
+    url = servers["raising"].url
+    # The schema refuses it: a 422 naming the field, as FastAPI words it.
+    r = _binary(url, "apply", {"inputs": {"x": np.ones((2, 2))}})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][:3] == ["body", "inputs", "x"]
+    # The Tesseract raises: its own words.
+    r = _binary(url, "apply", {"inputs": {"x": -np.ones(3)}})
+    assert r.status_code == 500
+    assert r.json()["detail"] == "ValueError: x[0] must be >= 0"
+    # Limits hold: over `max_batch`, and over `max_body_bytes`.
+    vec = {"x": np.ones((5, 3))}
+    r = _binary(
+        url,
+        "batched_jacobian_vector_product",
+        _jvp_payload({"x": np.ones(3)}, ["x"], ["y"], vec),
+    )
+    assert r.status_code == 422 and "max_batch" in r.text
+    r = _binary(url, "apply", {"inputs": {"x": np.ones(4000)}})
+    assert r.status_code == 413
+    # Malformed, an endpoint without a binary route, a binref outside the inputs.
+    r = requests.post(
+        f"{url}/apply",
+        data=b"TLX1garbage",
+        headers={"Content-Type": binary.MEDIA_TYPE},
+        timeout=10,
+    )
+    assert r.status_code == 400 and "malformed binary body" in r.json()["detail"]
+    r = _binary(
+        url, "abstract_eval", {"inputs": {"x": {"shape": [3], "dtype": "float64"}}}
+    )
+    assert r.status_code == 415 and "`/apply`" in r.json()["detail"]
+    ref = {
+        "object_type": "array",
+        "shape": [3],
+        "dtype": "float64",
+        "data": {"buffer": "/etc/passwd", "encoding": "binref"},
+    }
+    r = _binary(url, "apply", {"inputs": {"x": ref}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == [
+        "body",
+        "inputs",
+        "x",
+    ]
+    # A server that keeps run folders has no lean path, and says so.
+    debug = servers["raising_debug"].url
+    assert (
+        requests.get(f"{debug}/health", timeout=10).json()["tesseract_lx"]["binary"]
+        is None
+    )
+
+
+def test_client_sends_binary_where_offered(servers):
+    url = servers["pytree"].url
+    seen = []
+    with tlx.Client(url) as client:
+        transport = client._transports[0]
+        send = transport.send
+
+        def spy(method, endpoint, body=None, headers=None):
+            seen.append((endpoint, (headers or {}).get("Content-Type")))
+            return send(method, endpoint, body, headers)
+
+        transport.send = spy
+        f = tlx.TesseractModule(client)
+        inputs = _point("pytree", np.random.default_rng(3))
+        out = f(inputs)
+        np.testing.assert_allclose(out["y"], pytree_ref(inputs)["y"], rtol=1e-12)
+    assert ("apply", binary.MEDIA_TYPE) in seen
+    assert all(t == binary.MEDIA_TYPE for e, t in seen if e in COMPUTATIONAL)

@@ -40,6 +40,7 @@ from .cache import CacheSettings, enable_tesseract_vjp_cache, LinearisationCache
 from .declare import compute_precision, read_declaration, ServerState, uses_jax
 from .endpoints import cotangent_check, output_shapes_fn, stock_endpoints
 from .guard import BinrefGuard
+from .lean import BinaryRoutes, LeanRoute
 from .limits import BodyLimit, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES
 from .routes import (
     add_error_handlers,
@@ -146,6 +147,8 @@ def create_app(
         workers=workers,
         max_batch=max_batch,
         max_body_bytes=max_body_bytes,
+        # Binary bodies skip the run folder: not offered when run folders are asked.
+        binary=not run_folders,
     )
 
     app = FastAPI(
@@ -158,9 +161,8 @@ def create_app(
     )
     runner = Runner(run_folders=run_folders)
     add_error_handlers(app, debug)
-    # Added first, so it runs inside `BodyLimit`: it reads bodies already bounded.
-    app.add_middleware(BinrefGuard)
-    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+    # The computational routes, for the lean path too (`lean.py`).
+    lean: dict[str, LeanRoute] = {}
 
     output_shapes = output_shapes_fn(api_module)
     for name, fn in stock.items():
@@ -172,6 +174,7 @@ def create_app(
             check = cotangent_check(output_shapes) if name == VJP else None
             route = computational_route(fn, runner, check=check)
             app.add_api_route(f"/{name}", route, methods=["POST"])
+            lean[name] = LeanRoute(fn, fn.__annotations__["payload"], check)
         elif name == "abstract_eval":
             route = plain_route(fn, runner, check=check_abstract_shapes)
             app.add_api_route(f"/{name}", route, methods=["POST"])
@@ -190,6 +193,13 @@ def create_app(
         app.add_api_route(
             f"/{fn.__name__}", computational_route(fn, runner), methods=["POST"]
         )
+        lean[fn.__name__] = LeanRoute(fn, fn.__annotations__["payload"])
+
+    # Innermost first: each reads bodies already bounded by `BodyLimit`.
+    app.add_middleware(BinrefGuard)
+    if state.binary:
+        app.add_middleware(BinaryRoutes, routes=lean, runner=runner, debug=debug)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
 
     if config.gpu_transport != "none":
         add_gpu_transport_handling(app)

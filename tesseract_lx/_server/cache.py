@@ -27,10 +27,11 @@ cheap too; it is off by default because it slows every `/apply` down (see there)
 
 **The purity assumption.** A cached linearisation is reused for every later request at
 the same primal point, and its compiled form at every point of the signature (any
-state the Tesseract reads is a constant of the first trace), so the cache assumes the Tesseract is a *pure function of its
-inputs*: same inputs, same outputs, whatever happened in between. A Tesseract with
-hidden state (a module-level variable its `apply` changes, a file it reads, a clock)
-gets stale JVPs and VJPs from it. Such a Tesseract says so in its `tesseract_api.py`,
+state the Tesseract reads is a constant of the first trace), so the cache assumes the
+Tesseract is a *pure function of its inputs*: same inputs, same outputs, whatever
+happened in between. A Tesseract with hidden state (a module-level variable its
+`apply` changes, a file it reads, a clock) gets stale JVPs and VJPs from it. Such a
+Tesseract says so in its `tesseract_api.py`,
 
 ```python
 TESSERACT_LX = {"pure": False}
@@ -55,6 +56,7 @@ e.g. to check them) is linearised eagerly at every point, as it always was.
 
 import functools
 import hashlib
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -68,6 +70,7 @@ from pydantic import BaseModel
 from . import trees
 
 
+logger = logging.getLogger("tesseract_lx.server")
 _MiB = 1024 * 1024
 # Signatures remembered (untraceable, compiled, eager only); past this, the oldest are
 # forgotten (and tried once more when they come back).
@@ -164,6 +167,14 @@ def primal_digest(inputs: Any) -> str:
     return h.hexdigest()
 
 
+def _digest(skeleton: Any, arrays: dict) -> str:
+    """`primal_digest` of a point split by `trees.flatten` (no model dump)."""
+    h = hashlib.blake2b(repr(trees.key(skeleton)).encode(), digest_size=20)
+    for arr in arrays.values():
+        h.update(np.ascontiguousarray(arr).data)
+    return h.hexdigest()
+
+
 def _struct(tree: Any) -> tuple:
     """Shapes and dtypes of a (co)tangent dict, as part of a key."""
     return tuple(
@@ -252,6 +263,7 @@ class LinearisationCache:
                 "evictions": self.evictions,
                 "untraceable_signatures": len(self._untraceable),
                 "compiled_signatures": len(self._jitted),
+                "eager_signatures": len(self._eager),
                 "compiles": self.compiles,
             }
 
@@ -276,12 +288,11 @@ class LinearisationCache:
             self.fallbacks += 1
 
     def _compiled(
-        self, sig, fn, inputs, ins, outs
+        self, sig, fn, inputs, ins, outs, skeleton, arrays
     ) -> tuple[Any, Callable | None, list]:
         """`(key, linearise, arrays)`: the key of the signature and skeleton, their
         jitted `arrays, vec -> (fn(vec), map)` (`None` when known not to trace under
         `jit`), and this point's arrays for it."""
-        skeleton, arrays = trees.flatten(inputs)
         paths = list(arrays)
         key = (sig, trees.key(skeleton))
         leaves = [arrays[p] for p in paths]
@@ -313,7 +324,8 @@ class LinearisationCache:
         sig = self.signature(kind, inputs, ins, outs, vec)
         if self.is_untraceable(sig):
             return None, None
-        key = (sig, primal_digest(inputs))
+        skeleton, arrays = trees.flatten(inputs)
+        key = (sig, _digest(skeleton, arrays))
         lin = self._get(key)
         if lin is not None:
             return lin, None
@@ -327,14 +339,17 @@ class LinearisationCache:
             }
         import jax
 
-        compiled_key, linearise, arrays = self._compiled(sig, fn, inputs, ins, outs)
+        compiled_key, linearise, leaves = self._compiled(
+            sig, fn, inputs, ins, outs, skeleton, arrays
+        )
         out = None
         if linearise is not None:
             try:
-                out, partial = linearise(arrays, point)
+                out, partial = linearise(leaves, point)
                 lin = _Linear(partial, jitted=True)
-            except Exception:
+            except Exception as e:
                 # Reads concrete values (or raises): eagerly, from now on.
+                logger.debug("linearising eagerly: it does not trace under jit: %r", e)
                 with self._lock:
                     self._jitted.pop(compiled_key, None)
                     _remember(self._eager, compiled_key)

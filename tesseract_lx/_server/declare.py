@@ -12,6 +12,7 @@ import sys
 import types
 from typing import Any
 
+from .._wire.binary import MEDIA_TYPE
 from .._wire.spec import Capabilities, Declaration, Precision
 from .cache import CacheSettings, LinearisationCache
 
@@ -71,6 +72,7 @@ class ServerState:
     - `cache`: the `LinearisationCache`, `None` when off; `settings` its settings
         (`enabled=False` when switched off), `cache_off` why it is off.
     - `precision`, `workers`, `max_batch`, `max_body_bytes`: as reported.
+    - `binary`: whether the computational endpoints take binary bodies (`lean.py`).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class ServerState:
         workers: int,
         max_batch: int,
         max_body_bytes: int,
+        binary: bool = False,
     ):
         self.declaration = declaration
         self.modes = modes
@@ -95,6 +98,7 @@ class ServerState:
         self.workers = workers
         self.max_batch = max_batch
         self.max_body_bytes = max_body_bytes
+        self.binary = binary
 
     def fall_back(self, endpoint: str) -> None:
         """`endpoint` loops from now on (and `/openapi.json` says so)."""
@@ -114,6 +118,7 @@ class ServerState:
             workers=self.workers,
             max_batch=self.max_batch,
             max_body_bytes=self.max_body_bytes,
+            binary=MEDIA_TYPE if self.binary else None,
             cache=tuple(sorted(self.cache_info().items())),
         )
 

@@ -80,14 +80,7 @@ class BinrefGuard:
             except orjson.JSONDecodeError:
                 where = None  # the app answers a malformed body itself
             if where is not None:
-                # As FastAPI answers a 422, as `/openapi.json` documents it.
-                msg = (
-                    "a binref array must name a file inside the server's input "
-                    "folder, by a relative path without `..`; absolute paths and URLs "
-                    "are refused."
-                )
-                detail = [{"type": "value_error", "loc": _loc(where), "msg": msg}]
-                await _respond(send, 422, detail)
+                await _respond(send, 422, refusal(where))
                 return
         sent = False
 
@@ -99,6 +92,16 @@ class BinrefGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def refusal(where: str) -> list[dict]:
+    """The 422 `detail` for `find_escape`'s finding, as FastAPI answers a 422 (and
+    `/openapi.json` documents it)."""
+    msg = (
+        "a binref array must name a file inside the server's input folder, by a "
+        "relative path without `..`; absolute paths and URLs are refused."
+    )
+    return [{"type": "value_error", "loc": _loc(where), "msg": msg}]
 
 
 def _loc(where: str) -> list:

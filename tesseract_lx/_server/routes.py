@@ -64,6 +64,15 @@ class TesseractFailure(Exception):
         self.endpoint = endpoint
         self.error = error
 
+    def log(self) -> None:
+        logger.error(
+            "%s raised %s: %s",
+            self.endpoint,
+            type(self.error).__name__,
+            self.error,
+            exc_info=self.error,
+        )
+
     def body(self, debug: bool) -> dict[str, Any]:
         tb = None
         if debug:
@@ -76,13 +85,7 @@ def add_error_handlers(app: FastAPI, debug: bool) -> None:
 
     async def failure(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, TesseractFailure)
-        logger.error(
-            "%s raised %s: %s",
-            exc.endpoint,
-            type(exc.error).__name__,
-            exc.error,
-            exc_info=exc.error,
-        )
+        exc.log()
         return JSONResponse(status_code=500, content=exc.body(debug))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -64,6 +64,8 @@ BATCHED_JVP = f"batched_{JVP}"
 BATCHED_VJP = f"batched_{VJP}"
 BATCHED = (BATCHED_APPLY, BATCHED_JVP, BATCHED_VJP)
 GRADIENTS = (JACOBIAN, JVP, VJP)
+# The endpoints that take `binary.MEDIA_TYPE` bodies on a server that says `binary`.
+COMPUTATIONAL = (APPLY, *GRADIENTS, *BATCHED)
 
 Mode = Literal["own", "vmap", "axis", "loop"]
 Precision = Literal["float32", "float64"]
@@ -141,6 +143,8 @@ class Capabilities:
     - `workers`: requests it computes at once.
     - `max_batch`: the most items (tangents, points) one batched request may carry.
     - `max_body_bytes`: the largest request body it accepts.
+    - `binary`: the media type of the binary bodies its computational endpoints take
+        and answer (`binary.MEDIA_TYPE`), `None` if JSON only.
     - `cache`: the linearisation cache's settings and counters (informative).
     """
 
@@ -151,6 +155,7 @@ class Capabilities:
     workers: int = 1
     max_batch: int | None = None
     max_body_bytes: int | None = None
+    binary: str | None = None
     cache: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
@@ -173,6 +178,7 @@ class Capabilities:
             "workers": self.workers,
             "max_batch": self.max_batch,
             "max_body_bytes": self.max_body_bytes,
+            "binary": self.binary,
             "linearisation_cache": dict(self.cache),
         }
 
@@ -189,6 +195,7 @@ class Capabilities:
             workers=int(d.get("workers") or 1),
             max_batch=d.get("max_batch"),
             max_body_bytes=d.get("max_body_bytes"),
+            binary=d.get("binary") if isinstance(d.get("binary"), str) else None,
             cache=tuple(sorted((d.get("linearisation_cache") or {}).items())),
         )
 
