@@ -17,8 +17,10 @@ name, as uvicorn loads apps: the client side has no import of the server package
 """
 
 import asyncio
+import base64
 import concurrent.futures
 import dataclasses
+import http.client
 import importlib
 import re
 import threading
@@ -30,8 +32,6 @@ from typing import Any
 import orjson
 import pydantic
 import requests
-import urllib3
-from urllib3.exceptions import ReadTimeoutError
 
 from ._errors import TesseractConnectionError, TesseractTimeoutError
 from ._wire.encoding import decode_tree, encode_tree
@@ -55,73 +55,98 @@ class Timeouts:
 
 _RETRIES = 3
 _BACKOFF = 0.05  # seconds, doubled per retry: 0.35 s in all
+# Failures of a connection before any answer arrived: worth another try.
+_NOT_ANSWERED = (
+    ConnectionError,
+    http.client.RemoteDisconnected,
+    http.client.BadStatusLine,
+)
 
 
 def _cause(error: BaseException) -> str:
-    """The innermost reason urllib3 gives, e.g. `[Errno 111] Connection refused`,
-    without the pool and connection reprs around it."""
-    inner = error.args[0] if error.args else error
-    inner = getattr(inner, "reason", None) or inner  # MaxRetryError
-    if isinstance(inner, urllib3.exceptions.ProtocolError) and len(inner.args) > 1:
-        inner = inner.args[1]  # ('Connection aborted.', RemoteDisconnected(...))
-    text = str(inner)
-    if isinstance(inner, urllib3.exceptions.NewConnectionError):
-        return text.rpartition("Failed to establish a new connection: ")[2]
-    name = type(inner).__name__
-    return text if text.startswith(name) else f"{name}: {text}" if text else name
+    """The reason in words, e.g. `[Errno 111] Connection refused`."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return str(error)
+    if isinstance(error, http.client.IncompleteRead):
+        return repr(error)
+    text, name = str(error), type(error).__name__
+    return f"{name}: {text}" if text else name
 
 
 class HTTPTransport:
-    """POSTs to one server, one keep-alive session per thread.
+    """Requests to one server over `http.client`, one keep-alive connection per thread.
+
+    **Why not `requests`.** It costs ~1 ms of Python per request (preparing, merging
+    environment settings, urllib3's pool; `benchmarks/PROFILE.md`), a fifth of a JVP
+    request on loopback; a solver sends thousands. `http.client` (which `requests`
+    runs on) does the same job here: keep-alive, `TCP_NODELAY`, chunked answers.
 
     A request is a pure function of its payload, so a connection that fails before
     any answer arrived (refused, reset, a keep-alive connection the server closed, a
     server killed while it computed) is retried a bounded number of times with
     backoff. Anything else is final: an answer (4xx or 5xx), an answer cut off
     before its end, and a timeout (waiting longer than the user said is not a
-    retry's business). Credentials in the URL (`http://user:token@host`) go into the
-    session's auth, never into `url`, which errors and reprs show.
+    retry's business). Credentials in the URL (`http://user:token@host`) become an
+    `Authorization` header, never part of `url`, which errors and reprs show.
     """
-
-    def __init__(self, url: str, timeouts: Timeouts, headers: dict[str, str]):
-        parts = urllib.parse.urlsplit(url.rstrip("/"))
-        self.auth = None
-        if parts.username is not None:
-            self.auth = (
-                urllib.parse.unquote(parts.username),
-                urllib.parse.unquote(parts.password or ""),
-            )
-            parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
-        self.url = parts.geturl()
-        self.timeouts = timeouts
-        self.headers = headers
-        self._local = threading.local()
-        # Held strongly by their thread only: a thread that ends takes its session,
-        # and its connections, with it; `close` closes those still alive.
-        self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
-        self._lock = threading.Lock()
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.headers.update(self.headers)
-            session.auth = self.auth
-            self._local.session = session
-            with self._lock:
-                self._sessions.add(session)
-        return session
-
-    def _drop_session(self) -> None:
-        session = getattr(self._local, "session", None)
-        if session is not None:
-            self._local.session = None
-            with self._lock:
-                self._sessions.discard(session)
-            session.close()
 
     # Takes `binary.MEDIA_TYPE` bodies (`headers` say so per request).
     binary = True
+
+    def __init__(self, url: str, timeouts: Timeouts, headers: dict[str, str]):
+        parts = urllib.parse.urlsplit(url.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"`{url}` is not an http:// or https:// URL.")
+        self.headers = dict(headers)
+        # `(user, password)` from the URL, if any (the client hides them in errors).
+        self.auth: tuple[str, str] | None = None
+        if parts.username is not None:
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+            self.auth = (user, password)
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {token}"
+            parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+        self.url = parts.geturl()
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname or "", parts.port
+        self._path = parts.path
+        self.timeouts = timeouts
+        self._local = threading.local()
+        # Held strongly by their thread only: a thread that ends takes its
+        # connection with it; `close` closes those still alive.
+        self._connections: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = (
+                http.client.HTTPSConnection
+                if self._https
+                else http.client.HTTPConnection
+            )
+            conn = cls(self._host, self._port, timeout=self.timeouts.connect)
+            self._local.conn = conn
+            with self._lock:
+                self._connections.add(conn)
+        if conn.sock is None:
+            try:
+                conn.connect()
+            except TimeoutError:
+                self._drop()
+                raise
+            assert conn.sock is not None
+            conn.sock.settimeout(self.timeouts.read)
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
 
     def send(
         self,
@@ -130,22 +155,14 @@ class HTTPTransport:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> Response:
-        url = f"{self.url}/{endpoint}"
-        timeout = (self.timeouts.connect, self.timeouts.read)
+        path = f"{self._path}/{endpoint}"
+        all_headers = {**self.headers, **(headers or {})}
         delay = _BACKOFF
         error: Exception | None = None
         for attempt in range(_RETRIES + 1):
             try:
-                r = self._session().request(
-                    method, url, data=body, timeout=timeout, headers=headers
-                )
-                return Response(
-                    r.status_code,
-                    r.content,
-                    r.headers.get("content-type", "application/json"),
-                )
-            except requests.ConnectTimeout as e:
-                self._drop_session()
+                conn = self._connection()
+            except TimeoutError as e:
                 raise TesseractTimeoutError(
                     endpoint,
                     None,
@@ -153,25 +170,21 @@ class HTTPTransport:
                     f"{self.timeouts.connect} s",
                     self.url,
                 ) from e
-            except requests.Timeout as e:
-                self._drop_session()
-                raise self._read_timeout(endpoint) from e
-            except requests.ConnectionError as e:
-                self._drop_session()
-                # requests reports a read timeout in the body as a connection error.
-                if isinstance(e.args[0] if e.args else None, ReadTimeoutError):
-                    raise self._read_timeout(endpoint) from e
+            except OSError as e:  # refused, unreachable: not connected yet
+                self._drop()
                 error = e
-            except requests.RequestException as e:
-                # An answer began and broke off (truncated body, bad chunking).
-                self._drop_session()
-                raise TesseractConnectionError(
-                    endpoint,
-                    None,
-                    f"the answer from {self.url} broke off before its end "
-                    f"({_cause(e)})",
-                    self.url,
-                ) from e
+            else:
+                try:
+                    conn.request(method, path, body=body, headers=all_headers)
+                    answer = conn.getresponse()
+                except TimeoutError as e:
+                    self._drop()
+                    raise self._read_timeout(endpoint) from e
+                except (*_NOT_ANSWERED, OSError) as e:
+                    self._drop()
+                    error = e
+                else:
+                    return self._read(endpoint, answer)
             if attempt < _RETRIES:
                 time.sleep(delay)
                 delay *= 2
@@ -184,6 +197,29 @@ class HTTPTransport:
             self.url,
         ) from error
 
+    def _read(self, endpoint: str, answer: http.client.HTTPResponse) -> Response:
+        """The whole answer; an answer that stalls or breaks off is final."""
+        try:
+            content = answer.read()
+        except TimeoutError as e:
+            self._drop()
+            raise self._read_timeout(endpoint) from e
+        except (http.client.HTTPException, OSError) as e:
+            self._drop()
+            raise TesseractConnectionError(
+                endpoint,
+                None,
+                f"the answer from {self.url} broke off before its end ({_cause(e)})",
+                self.url,
+            ) from e
+        if answer.will_close:
+            self._drop()
+        return Response(
+            answer.status,
+            content,
+            answer.getheader("content-type") or "application/json",
+        )
+
     def _read_timeout(self, endpoint: str) -> TesseractTimeoutError:
         return TesseractTimeoutError(
             endpoint,
@@ -194,10 +230,10 @@ class HTTPTransport:
 
     def close(self) -> None:
         with self._lock:
-            sessions = list(self._sessions)
-            self._sessions.clear()
-        for session in sessions:
-            session.close()
+            connections = list(self._connections)
+            self._connections.clear()
+        for conn in connections:
+            conn.close()
 
 
 class ASGITransport:
