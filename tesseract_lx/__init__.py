@@ -22,6 +22,7 @@ from ._errors import (
     TesseractValidationError as TesseractValidationError,
 )
 from ._module import TesseractModule as TesseractModule
+from ._onserver import OnServer as OnServer
 from ._operator import (
     AbstractTesseractOperator as AbstractTesseractOperator,
     TesseractJacobianOperator as TesseractJacobianOperator,

@@ -24,7 +24,7 @@ from ._errors import TesseractNonFiniteError
 from ._tree import flatten_outputs, Leaf
 from ._wire import paths
 from ._wire.schema import ArrayNode, node_at
-from ._wire.spec import APPLY, BATCHED_APPLY, JACOBIAN, JVP, VJP
+from ._wire.spec import APPLY, BATCHED_APPLY, JACOBIAN, JVP, LINEAR_SOLVE, VJP
 
 
 STACKED = ("expand_dims", "broadcast_all", "auto_experimental")
@@ -477,3 +477,76 @@ def run_jvp(arrays, *, result_avals, call, batched, jvp_in, jvp_out):
 
 def run_vjp(arrays, *, result_avals, call, batched, vjp_in, vjp_out):
     return _run_linear(VJP, arrays, result_avals, call, batched, vjp_out, vjp_in)
+
+
+#
+# A whole linear solve on the server
+#
+
+
+def run_solve(
+    call: Call,
+    primals: list,
+    rhs: list,
+    *,
+    wrt,
+    of,
+    rhs_paths,
+    rhs_shapes,
+    sol_paths,
+    sol_shapes,
+    transpose: bool,
+    spec: dict,
+    tags: list,
+):
+    """`/linear_solve` for right-hand sides stacked on leading axes (`jax.vmap`'s
+    `expand_dims`: size 1 where unbatched); one request per distinct primal point.
+
+    Returns `(*solution leaves, result codes, step counts)`, each with the leading
+    axes of the batch (codes index `solvers.RESULTS_NAMES`).
+    """
+    from ._wire.solvers import RESULTS_NAMES
+
+    base = [leaf.shape for leaf in call.inputs]
+    rhs_base = [tuple(shape) for shape in rhs_shapes]
+    arrays, shapes = [*primals, *rhs], [*base, *rhs_base]
+    lead = np.broadcast_shapes(
+        *(a.shape[: a.ndim - len(shape)] for a, shape in zip(arrays, shapes))
+    )
+    k = math.prod(lead)
+    flat_p = [
+        np.broadcast_to(a, (*lead, *shape)).reshape(k, *shape)
+        for a, shape in zip(primals, base)
+    ]
+    flat_r = [
+        np.broadcast_to(r, (*lead, *b)).reshape(k, *b) for r, b in zip(rhs, rhs_base)
+    ]
+    batched = [True] * len(flat_p)
+    _, groups = _groups(flat_p, batched, len(flat_p))
+    sols = [np.empty((k, *shape)) for shape in sol_shapes]
+    codes = np.empty(k, np.int32)
+    steps = np.empty(k, np.int32)
+    for idx, point in groups:
+        payload = {
+            "inputs": call.payload(point),
+            "jvp_inputs": list(wrt),
+            "jvp_outputs": list(of),
+            "rhs": {p: r[idx] for p, r in zip(rhs_paths, flat_r)},
+            "transpose": transpose,
+            "solver": spec,
+            "tags": tags,
+        }
+        answer = call.client.request(
+            LINEAR_SOLVE, payload, size=_size(point), k=len(idx)
+        )
+        for out, p in zip(sols, sol_paths):
+            value = np.asarray(answer["solution"][p])
+            check_finite(call, LINEAR_SOLVE, p, value, len(idx))
+            out[idx] = value
+        codes[idx] = [RESULTS_NAMES.index(r) for r in answer["result"]]
+        steps[idx] = answer["num_steps"]
+    return (
+        *(s.reshape(*lead, *shape) for s, shape in zip(sols, sol_shapes)),
+        codes.reshape(lead),
+        steps.reshape(lead),
+    )

@@ -33,7 +33,14 @@ from tesseract_core.runtime.file_interactions import (
     available_gpu_transports,
 )
 
-from .._wire.spec import BATCHED_APPLY, BATCHED_JVP, BATCHED_VJP, EXTENSION, VJP
+from .._wire.spec import (
+    BATCHED_APPLY,
+    BATCHED_JVP,
+    BATCHED_VJP,
+    EXTENSION,
+    LINEAR_SOLVE,
+    VJP,
+)
 from .batched import batched_gradient_endpoint, gradient_mode
 from .batched_apply import apply_mode, batched_apply_endpoint
 from .cache import CacheSettings, enable_tesseract_vjp_cache, LinearisationCache
@@ -49,6 +56,7 @@ from .routes import (
     plain_route,
     Runner,
 )
+from .solve import linear_solve_endpoint, solve_mode
 
 
 # tesseract-core's `create_rest_api` wraps these (run folder, Accept negotiation).
@@ -194,6 +202,13 @@ def create_app(
             f"/{fn.__name__}", computational_route(fn, runner), methods=["POST"]
         )
         lean[fn.__name__] = LeanRoute(fn, fn.__annotations__["payload"])
+    solve_mode_ = solve_mode(api_module, state)
+    if solve_mode_ is not None:
+        modes[LINEAR_SOLVE] = solve_mode_
+        fn, check = linear_solve_endpoint(api_module, stock, state, output_shapes, jaxy)
+        route = computational_route(fn, runner, check=check)
+        app.add_api_route(f"/{LINEAR_SOLVE}", route, methods=["POST"])
+        lean[LINEAR_SOLVE] = LeanRoute(fn, fn.__annotations__["payload"], check)
 
     # Innermost first: each reads bodies already bounded by `BodyLimit`.
     app.add_middleware(BinrefGuard)

@@ -382,6 +382,20 @@ class LinearisationCache:
             return out
         return lin({k: np.asarray(v) for k, v in vec.items()})
 
+    def linear(
+        self,
+        kind: str,
+        fn: Callable,
+        inputs: Any,
+        ins: Iterable[str],
+        outs: Iterable[str],
+        vec: dict[str, Any],
+    ) -> "_Linear | None":
+        """The linear map `v -> fn(inputs, ins, outs, v)` at this point, cached or
+        built (and stored); `vec` gives only the shapes and dtypes. `None` if `fn`
+        does not trace under JAX (remembered for the signature)."""
+        return self._linearise(kind, fn, inputs, ins, outs, vec, at_vec=False)[0]
+
     def call_batch(
         self,
         kind: str,
@@ -395,7 +409,7 @@ class LinearisationCache:
         `jax.vmap` of the linearisation; `None` if `fn` does not trace under JAX
         (remembered for the signature: later calls return `None` straight away)."""
         first = {p: v[0] for p, v in vecs.items()}
-        lin = self._linearise(kind, fn, inputs, ins, outs, first, at_vec=False)[0]
+        lin = self.linear(kind, fn, inputs, ins, outs, first)
         if lin is None:
             return None
         return lin.batch({k: np.asarray(v) for k, v in vecs.items()})

@@ -16,6 +16,9 @@ Both sides import this module and nothing else of each other: the server writes 
   `/apply`; the answer is the list of the K outputs, in order. A list of points, not a
   stacked axis: points may differ in anything their schema allows, and no Tesseract
   is assumed to map over a leading axis.
+- `/linear_solve`: a lineax solve of the Jacobian at a point, for K right-hand
+  sides, in one request (`_server/solve.py`, `_wire/solvers.py`); its mode is
+  `"linearise"` or `"function"`.
 
 How the server computes each batch (`modes`): `"own"` (the Tesseract's own
 `batched_*` function), `"vmap"` (`jax.vmap` of its function, tried when it is JAX
@@ -63,9 +66,10 @@ BATCHED_APPLY = "batched_apply"
 BATCHED_JVP = f"batched_{JVP}"
 BATCHED_VJP = f"batched_{VJP}"
 BATCHED = (BATCHED_APPLY, BATCHED_JVP, BATCHED_VJP)
+LINEAR_SOLVE = "linear_solve"
 GRADIENTS = (JACOBIAN, JVP, VJP)
 # The endpoints that take `binary.MEDIA_TYPE` bodies on a server that says `binary`.
-COMPUTATIONAL = (APPLY, *GRADIENTS, *BATCHED)
+COMPUTATIONAL = (APPLY, *GRADIENTS, *BATCHED, LINEAR_SOLVE)
 
 Mode = Literal["own", "vmap", "axis", "loop"]
 Precision = Literal["float32", "float64"]

@@ -1,0 +1,267 @@
+"""`OnServer`: a lineax solver whose Krylov loop runs next to the Tesseract.
+
+`tlx.OnServer(lx.GMRES(rtol=1e-8, atol=1e-8))` is an `lx.AbstractLinearSolver`.
+Given a `TesseractJacobianOperator` (or its transpose) on a server that offers
+`POST /linear_solve`, `compute` is one request, whatever the number of iterations,
+and a `jax.vmap` over right-hand sides is still one request. Anywhere else (another
+operator, a stock server) it runs the wrapped solver locally: the same numbers, one
+request per mat-vec, and `client.decisions` says so.
+
+`transpose` gives the transposed solve on the server, so `jax.grad` and `jax.jvp`
+through `lx.linear_solve` cost one more solve request, not one per iteration.
+Derivatives with respect to the primal point are refused, as for every
+(co)tangent of a Tesseract.
+"""
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.extend
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+
+from ._batching import Decision
+from ._operator import TesseractJacobianOperator
+from ._primitive import jvp_p, vjp_p
+from ._wire import solvers
+from ._wire.spec import LINEAR_SOLVE
+
+
+# The tags a server's operator may carry (the rest say nothing a Krylov solver uses).
+_TAGS = {
+    lx.symmetric_tag: "symmetric",
+    lx.positive_semidefinite_tag: "positive_semidefinite",
+    lx.negative_semidefinite_tag: "negative_semidefinite",
+}
+
+
+class _Target(eqx.Module):
+    """A Jacobian at a point, as `/linear_solve` takes it: the call, its operands
+    (the point), the paths differentiated, and whether it is transposed."""
+
+    call: Any = eqx.field(static=True)
+    operands: list
+    wrt: tuple[str, ...] = eqx.field(static=True)
+    of: tuple[str, ...] = eqx.field(static=True)
+    ins: tuple = eqx.field(static=True)
+    outs: tuple = eqx.field(static=True)
+    tags: frozenset = eqx.field(static=True)
+    transposed: bool = eqx.field(static=True)
+
+    @property
+    def T(self) -> "_Target":
+        fields = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return _Target(*fields[:-1], not self.transposed)
+
+
+def _target(operator: Any) -> _Target | None:
+    """The Jacobian behind `operator`, if it is one Tesseract's on a server with
+    `/linear_solve`: a `TesseractJacobianOperator`, or a lineax operator whose map is
+    a single Tesseract JVP (or VJP) of its whole input, as optimistix builds them
+    (`jax.linearize` of a `tlx.residual_fn`). `None` otherwise."""
+    if isinstance(operator, TesseractJacobianOperator):
+        call, operands, _, _ = operator._call()
+        ins, outs = operator._structure
+        target = _Target(
+            call,
+            list(operands),
+            operator.wrt,
+            operator.of,
+            ins,
+            outs,
+            frozenset(operator.tags),
+            operator.transposed,
+        )
+    else:
+        if isinstance(operator, lx.JacobianLinearOperator):
+            operator = lx.linearise(operator)
+        if not isinstance(operator, lx.FunctionLinearOperator):
+            return None
+        target = _from_jaxpr(operator)
+        if target is None:
+            return None
+    return target if target.call.client.schema.has(LINEAR_SOLVE) else None
+
+
+def _from_jaxpr(operator: lx.FunctionLinearOperator) -> _Target | None:
+    """A `FunctionLinearOperator` whose (closure-converted) map is exactly one
+    `tesseract_jvp` or `tesseract_vjp` equation from its inputs to its outputs."""
+    fn = operator.fn
+    closed = getattr(fn, "jaxpr", None)
+    consts = getattr(fn, "consts", None)
+    if closed is None or consts is None:
+        return None
+    jaxpr = getattr(closed, "jaxpr", closed)
+    if len(jaxpr.eqns) != 1:
+        return None
+    (eqn,) = jaxpr.eqns
+    if eqn.primitive not in (jvp_p, vjp_p) or any(eqn.params["batched"]):
+        return None
+    call = eqn.params["call"]
+    n = len(call.in_paths)
+    if list(eqn.invars[n:]) != list(jaxpr.invars) or list(eqn.outvars) != list(
+        jaxpr.outvars
+    ):
+        return None
+    values = dict(zip(jaxpr.constvars, consts))
+    operands = []
+    for v in eqn.invars[:n]:
+        if isinstance(v, jax.extend.core.Literal):
+            operands.append(v.val)
+        elif v in values:
+            operands.append(values[v])
+        else:
+            return None  # the point depends on the operator's input: not linear
+    if eqn.primitive is jvp_p:
+        src, dst, transposed = eqn.params["jvp_in"], eqn.params["jvp_out"], False
+    else:
+        src, dst, transposed = eqn.params["vjp_in"], eqn.params["vjp_out"], True
+    wrt = tuple(call.in_paths[i] for i in src)
+    of = tuple(call.out_paths[j] for j in dst)
+    struct = lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)  # noqa: E731
+    ins = tuple(struct(call.inputs[i]) for i in src)
+    outs = tuple(struct(call.outputs[j]) for j in dst)
+    # The operator's vectors must be what `_solve` packs: a bare array for one path,
+    # else a dict keyed by path (JAX flattens it by sorted key: the eqn's order).
+    structures = (operator.in_structure(), operator.out_structure())
+    sides = (of, wrt) if transposed else (wrt, of)
+    for names, structure in zip(sides, structures):
+        if len(names) == 1:
+            ok = not isinstance(structure, dict | list | tuple)
+        else:
+            ok = isinstance(structure, dict) and sorted(structure) == list(names)
+        if not ok:
+            return None
+    tags = frozenset(operator.tags)
+    return _Target(call, operands, wrt, of, ins, outs, tags, transposed)
+
+
+class OnServer(lx.AbstractLinearSolver):
+    """Run `solver`'s whole solve on the Tesseract's server: one request per solve.
+
+    **Arguments:**
+
+    - `solver`: a lineax iterative solver: `lx.GMRES`, `lx.BiCGStab`, `lx.CG`,
+        `lx.LSMR`, or `lx.Normal` of one of them, with lineax's default norm.
+
+    Used as any lineax solver: `lx.linear_solve(J, b, tlx.OnServer(lx.GMRES(...)))`,
+    `optx.Newton(..., linear_solver=tlx.OnServer(...))`. A solve that fails on the
+    server (`max_steps` reached, breakdown) reports lineax's own result, so
+    `throw=True` raises lineax's error.
+    """
+
+    solver: lx.AbstractLinearSolver
+
+    def __check_init__(self):
+        solvers.to_spec(self.solver)  # a TypeError naming the solvers that travel
+
+    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        target = _target(operator)
+        if target is not None:
+            return target, None
+        client = _client(operator)
+        if client is not None:
+            client.decisions.append(
+                Decision(
+                    LINEAR_SOLVE,
+                    1,
+                    "local",
+                    {},
+                    "the solve runs here, one request per mat-vec: the server does not "
+                    "offer `/linear_solve`, or the operator is not one Tesseract's "
+                    "Jacobian",
+                )
+            )
+        return None, self.solver.init(operator, options)
+
+    def compute(self, state, vector, options: dict[str, Any]):
+        operator, local = state
+        if operator is None:
+            return self.solver.compute(local, vector, options)
+        return _solve(operator, vector, self.solver)
+
+    def transpose(self, state, options: dict[str, Any]):
+        operator, local = state
+        if operator is None:
+            local, options = self.solver.transpose(local, options)
+            return (None, local), options
+        return (operator.T, None), options
+
+    def conj(self, state, options: dict[str, Any]):
+        operator, local = state
+        if operator is None:
+            local, options = self.solver.conj(local, options)
+            return (None, local), options
+        return state, options  # Tesseracts compute over the reals
+
+    def assume_full_rank(self) -> bool:
+        return self.solver.assume_full_rank()
+
+
+def _client(operator: Any) -> Any:
+    """The client of a Tesseract operator, to record a decision in; else `None`."""
+    if isinstance(operator, TesseractJacobianOperator):
+        return operator.module.client
+    return None
+
+
+def _pack(paths_: tuple, leaves: list) -> Any:
+    return leaves[0] if len(paths_) == 1 else dict(zip(paths_, leaves))
+
+
+def _unpack(paths_: tuple, tree: Any, structs: tuple) -> list:
+    leaves = [tree] if len(paths_) == 1 else [tree[p] for p in paths_]
+    return [jnp.asarray(x, s.dtype) for x, s in zip(leaves, structs)]
+
+
+def _solve(target: _Target, vector: Any, solver: Any):
+    """One `/linear_solve` request: `(solution, result, stats)` as lineax wants."""
+    call, operands = target.call, target.operands
+    ins, outs = target.ins, target.outs
+    # J x = b: b at the outputs `of`, x at the inputs `wrt`; J^T x = b the reverse.
+    if target.transposed:
+        rhs_paths, sol_paths = target.wrt, target.of
+        rhs_structs, sol_structs = ins, outs
+    else:
+        rhs_paths, sol_paths = target.of, target.wrt
+        rhs_structs, sol_structs = outs, ins
+    rhs = _unpack(rhs_paths, vector, rhs_structs)
+    spec = solvers.to_spec(solver)
+    tags = sorted(name for tag, name in _TAGS.items() if tag in target.tags)
+    n_operands = len(operands)
+    result_shapes = (
+        *(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in sol_structs),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
+
+    def host(*arrays):
+        from ._dispatch import run_solve
+
+        return run_solve(
+            call,
+            [np.asarray(a) for a in arrays[:n_operands]],
+            [np.asarray(a) for a in arrays[n_operands:]],
+            wrt=target.wrt,
+            of=target.of,
+            rhs_paths=rhs_paths,
+            rhs_shapes=[s.shape for s in rhs_structs],
+            sol_paths=sol_paths,
+            sol_shapes=[s.shape for s in sol_structs],
+            transpose=target.transposed,
+            spec=spec,
+            tags=tags,
+        )
+
+    *solution, code, steps = jax.pure_callback(
+        host, result_shapes, *operands, *rhs, vmap_method="expand_dims"
+    )
+    result = lx.RESULTS.successful
+    for i, name in enumerate(solvers.RESULTS_NAMES):
+        item = getattr(lx.RESULTS, name)
+        result = lx.RESULTS.where(code == i, item, result)
+    value = _pack(sol_paths, list(solution))
+    return value, result, {"num_steps": steps}

@@ -1,0 +1,244 @@
+"""`tlx.OnServer`: the Krylov loop next to the Tesseract, one request per solve.
+
+Every lineax iterative solver, single and vmapped right-hand sides, transposed
+solves, gradients through the solve, optimistix's Newton and ImplicitAdjoint, on a JAX
+Tesseract (the server's compiled linearisation) and on a NumPy one (its JVP/VJP
+functions called in process at every iteration), against the same maths in pure JAX
+and lineax, with the requests counted exactly. On a stock server the solve runs
+locally: the same numbers, one request per mat-vec, and a recorded decision.
+"""
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import optimistix as optx
+import pytest
+import requests
+import tesseract_lx as tlx
+from tesseract_lx._wire import binary
+
+from conftest import fresh
+from helpers import ALL_CASES, PARTIAL, VJP
+from references import bratu_inputs, bratu_ref, poisson_inputs, poisson_ref
+
+
+jax.config.update("jax_enable_x64", True)
+
+N = 4
+TOL = dict(rtol=1e-12, atol=1e-12)
+SOLVERS = {
+    "gmres": lx.GMRES(**TOL),
+    "bicgstab": lx.BiCGStab(**TOL),
+    "lsmr": lx.LSMR(**TOL),
+    "normal_cg": lx.Normal(lx.CG(**TOL)),
+}
+NUMPY = PARTIAL / "numpy_loop" / "tesseract_api.py"
+
+
+@pytest.fixture
+def bratu(served, transport):
+    return fresh(served.get(ALL_CASES["bratu"].path, transport))
+
+
+def _jacobian(ref, inputs, wrt, of):
+    """The pure-JAX Jacobian as a matrix."""
+    g = lambda x: ref({**inputs, wrt: x})[of]  # noqa: E731
+    n = np.size(inputs[wrt])
+    return jax.jacfwd(g)(inputs[wrt]).reshape(-1, n)
+
+
+def _rhs(shape, k=None, seed=1):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.normal(size=shape if k is None else (k, *shape)))
+
+
+# Every solver both ways on the tesseract-lx server; in process and on a stock server
+# (the local fallback), GMRES: the transport is not what differs between solvers.
+SOLVE_CASES = [
+    *(("tlx", solver, t) for solver in SOLVERS for t in (False, True)),
+    ("inprocess", "gmres", False),
+    ("stock", "gmres", False),
+]
+
+
+@pytest.mark.parametrize("transport,solver,transpose", SOLVE_CASES)
+def test_every_solver_single_and_vmapped(bratu, transport, solver, transpose):
+    f = tlx.TesseractModule(bratu)
+    inputs = bratu_inputs(N)
+    J = tlx.TesseractJacobianOperator(f, inputs, wrt="u", of="residual")
+    J = J.T if transpose else J
+    M = _jacobian(bratu_ref, inputs, "u", "residual")
+    M = M.T if transpose else M
+    on_server = tlx.OnServer(SOLVERS[solver])
+    solve = jax.jit(lambda b: lx.linear_solve(J, b, on_server).value)
+    B = _rhs((N, N), k=3)
+
+    bratu.stats.clear()
+    x = solve(B[0])
+    np.testing.assert_allclose(x.reshape(-1), jnp.linalg.solve(M, B[0].reshape(-1)))
+    X = jax.vmap(solve)(B)
+    want = jnp.linalg.solve(M, B.reshape(3, -1).T).T
+    np.testing.assert_allclose(X.reshape(3, -1), want, rtol=1e-8, atol=1e-10)
+    if transport == "stock":
+        # No `/linear_solve`: lineax runs here, one request per mat-vec.
+        assert "linear_solve" not in bratu.stats and sum(bratu.stats.values()) > 2
+        assert any(d.chosen == "local" for d in bratu.decisions)
+    else:
+        assert bratu.stats == {"linear_solve": 2}
+
+
+@pytest.mark.parametrize("transport", ["tlx"])
+def test_cg_on_a_positive_definite_jacobian(served, transport):
+    client = served.get(ALL_CASES["poisson"].path, transport)
+    inputs = poisson_inputs(N)
+    J = tlx.TesseractJacobianOperator(
+        tlx.TesseractModule(client), inputs, "x", "y", tags=lx.positive_semidefinite_tag
+    )
+    b = _rhs((N, N))
+    client.stats.clear()
+    x = lx.linear_solve(J, b, tlx.OnServer(lx.CG(**TOL))).value
+    M = _jacobian(poisson_ref, inputs, "x", "y")
+    np.testing.assert_allclose(x.reshape(-1), jnp.linalg.solve(M, b.reshape(-1)))
+    assert client.stats == {"linear_solve": 1}
+
+
+@pytest.mark.parametrize("transport", ["tlx", "inprocess"])
+def test_gradients_through_the_solve(bratu, transport):
+    """`jax.grad` and `jax.jvp` of a solve w.r.t. its right-hand side: one more solve
+    request each (the transposed solve, resp. the same), never one per iteration."""
+    f = tlx.TesseractModule(bratu)
+    inputs = bratu_inputs(N)
+    J = tlx.TesseractJacobianOperator(f, inputs, wrt="u", of="residual")
+    M = _jacobian(bratu_ref, inputs, "u", "residual")
+    solver = tlx.OnServer(lx.GMRES(**TOL))
+    b, t = _rhs((N, N)), _rhs((N, N), seed=2)
+
+    def loss(b, solve):
+        return jnp.sum(jnp.sin(solve(b)))
+
+    ours = lambda b: lx.linear_solve(J, b, solver).value.reshape(-1)  # noqa: E731
+    ref = lambda b: jnp.linalg.solve(M, b.reshape(-1))  # noqa: E731
+    bratu.stats.clear()
+    np.testing.assert_allclose(
+        jax.grad(loss)(b, ours), jax.grad(loss)(b, ref), rtol=1e-8, atol=1e-12
+    )
+    assert bratu.stats == {"linear_solve": 2}
+    bratu.stats.clear()
+    np.testing.assert_allclose(
+        jax.jvp(ours, (b,), (t,))[1], jax.jvp(ref, (b,), (t,))[1], rtol=1e-8
+    )
+    assert bratu.stats == {"linear_solve": 2}
+
+
+@pytest.mark.parametrize("transport", ["tlx", "inprocess"])
+def test_newton_and_implicit_adjoint(bratu, transport):
+    """optimistix's Newton hands the solver its own operator (`jax.linearize` of the
+    residual): recognised as one Tesseract JVP, so a step is 2 requests; the gradient
+    through the root costs one solve request (and the VJP w.r.t. the parameter)."""
+    f = tlx.TesseractModule(bratu)
+    fn = tlx.residual_fn(f, wrt="u", of="residual")
+    inputs = bratu_inputs(N)
+    args = {"k": inputs["k"], "f": inputs["f"]}
+    u0 = jnp.zeros((N, N))
+    on_server = tlx.OnServer(lx.GMRES(**TOL))
+    newton = optx.Newton(rtol=1e-10, atol=1e-10, linear_solver=on_server)
+    ref_fn = lambda y, a: bratu_ref({**a, "u": y})["residual"]  # noqa: E731
+    ref_newton = optx.Newton(rtol=1e-10, atol=1e-10)
+
+    f({**args, "u": u0})  # learns the output shapes: no `/abstract_eval` below
+    bratu.stats.clear()
+    sol = optx.root_find(fn, newton, u0, args)
+    ref = optx.root_find(ref_fn, ref_newton, u0, args)
+    np.testing.assert_allclose(sol.value, ref.value, rtol=1e-10, atol=1e-12)
+    steps = int(sol.stats["num_steps"])
+    assert bratu.stats == {"apply": steps, "linear_solve": steps}
+
+    adjoint = optx.ImplicitAdjoint(linear_solver=on_server)
+
+    def loss(k, fn, solver, adjoint):
+        root = optx.root_find(fn, solver, u0, {**args, "k": k}, adjoint=adjoint)
+        return jnp.sum(root.value**2)
+
+    bratu.stats.clear()
+    grad = jax.grad(loss)(args["k"], fn, newton, adjoint)
+    want = jax.grad(loss)(args["k"], ref_fn, ref_newton, optx.ImplicitAdjoint())
+    np.testing.assert_allclose(grad, want, rtol=1e-8)
+    assert bratu.stats == {"apply": steps, "linear_solve": steps + 1, VJP: 1}
+
+
+def test_function_only_tesseract(served):
+    """A NumPy Tesseract: the server's Krylov loop calls its JVP (or, transposed,
+    its VJP) in process; LSMR needs both in one solve and is refused, naming it."""
+    client = served.get(NUMPY, "tlx")
+    assert dict(client.capabilities.modes)["linear_solve"] == "function"
+    x = jnp.linspace(0.1, 1.0, 6)
+    inputs = {"x": x, "a": 2.0}
+    f = tlx.TesseractModule(client)
+    f(inputs)  # no `/abstract_eval`: one eager call teaches the output shapes
+    J = tlx.TesseractJacobianOperator(f, inputs, wrt="x", of="y")
+    diag = 2.0 * jnp.cos(x)
+    b = _rhs((6,))
+    for op, solver in ((J, lx.GMRES(**TOL)), (J.T, lx.BiCGStab(**TOL))):
+        client.stats.clear()
+        sol = lx.linear_solve(op, b, tlx.OnServer(solver))
+        np.testing.assert_allclose(sol.value, b / diag, rtol=1e-10)
+        assert client.stats == {"linear_solve": 1}
+    # lineax jits its solve: the error reaches us as JAX's, with the server's words.
+    with pytest.raises(jax.errors.JaxRuntimeError, match="LSMR needs the transpose"):
+        lx.linear_solve(J, b, tlx.OnServer(lx.LSMR(**TOL)))
+    assert isinstance(client.last_error, tlx.TesseractValidationError)
+
+
+@pytest.mark.parametrize("transport", ["tlx"])
+def test_failed_solve_reports_lineax_result(bratu, transport):
+    f = tlx.TesseractModule(bratu)
+    J = tlx.TesseractJacobianOperator(f, bratu_inputs(N), wrt="u", of="residual")
+    solver = tlx.OnServer(lx.GMRES(rtol=1e-14, atol=1e-14, max_steps=1, restart=2))
+    sol = lx.linear_solve(J, _rhs((N, N)), solver, throw=False)
+    assert sol.result == lx.RESULTS.max_steps_reached
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        lx.linear_solve(J, _rhs((N, N)), solver)
+
+
+def test_solver_that_cannot_travel():
+    with pytest.raises(TypeError, match="cannot run on the server"):
+        tlx.OnServer(lx.LU())
+
+
+@pytest.mark.parametrize("transport", ["tlx"])
+def test_bad_solve_requests_get_422_naming_the_field(bratu, transport):
+    url = bratu.urls[0]
+    inputs = {k: np.asarray(v) for k, v in bratu_inputs(N).items()}
+    good = {
+        "inputs": inputs,
+        "jvp_inputs": ["u"],
+        "jvp_outputs": ["residual"],
+        "rhs": {"residual": np.ones((2, N, N))},
+        "solver": {"name": "GMRES", "rtol": 1e-8, "atol": 1e-8},
+    }
+    cases = {
+        "solver": {**good, "solver": {"name": "QR"}},
+        "rtol": {**good, "solver": {"name": "CG", "rtol": -1.0, "atol": 0.0}},
+        "rhs": {**good, "rhs": {"u": np.ones((2, N, N))}},
+        "residual": {**good, "rhs": {"residual": np.ones((2, N + 1, N))}},
+    }
+    for field, payload in cases.items():
+        r = requests.post(
+            f"{url}/linear_solve",
+            data=binary.encode(payload),
+            headers={"Content-Type": binary.MEDIA_TYPE},
+            timeout=30,
+        )
+        assert r.status_code == 422, (field, r.text)
+        assert field in str(r.json()["detail"][0]["loc"]), (field, r.text)
+    r = requests.post(
+        f"{url}/linear_solve",
+        data=binary.encode(good),
+        headers={"Content-Type": binary.MEDIA_TYPE, "Accept": binary.MEDIA_TYPE},
+        timeout=30,
+    )
+    assert r.status_code == 200 and binary.decode(r.content)["result"] == [
+        "successful",
+        "successful",
+    ]
