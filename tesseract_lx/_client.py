@@ -137,6 +137,7 @@ class Client:
         self._schema: Schema | None = None
         self._lock = threading.RLock()
         self._next = itertools.count()
+        self._binary_replicas: dict[int, bool] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @classmethod
@@ -283,6 +284,28 @@ class Client:
         response = self._transports[0].send("GET", "health")
         return self._decode("health", response, self.urls[0], lambda doc: doc)
 
+    def _binary(self, index: int) -> bool:
+        """Whether replica `index` said it takes binary bodies (`x-tesseract-lx`).
+
+        The first replica's word is its schema's (never fetched here: until the
+        schema is known, JSON); every other replica is asked once, for itself, as a
+        pool may mix servers. Anything unclear is JSON, which every server takes.
+        """
+        transport = self._transports[index]
+        if not transport.binary or self._schema is None:
+            return False
+        if index == 0:
+            return self._schema.capabilities.binary == binary.MEDIA_TYPE
+        known = self._binary_replicas.get(index)
+        if known is None:
+            try:
+                doc = orjson.loads(transport.send("GET", "openapi.json").content)
+                known = Capabilities.from_openapi(doc).binary == binary.MEDIA_TYPE
+            except Exception:
+                known = False
+            self._binary_replicas[index] = known
+        return known
+
     def request(
         self, endpoint: str, payload: Any, *, size: int = 0, k: int = 1, replica=None
     ) -> Any:
@@ -293,15 +316,10 @@ class Client:
         """
         if replica is None:
             replica = next(self._next)
-        transport = self._transports[replica % len(self._transports)]
+        index = replica % len(self._transports)
+        transport = self._transports[index]
         headers = None
-        # Binary where the server said it takes it (never fetching the schema here).
-        if (
-            transport.binary
-            and endpoint in COMPUTATIONAL
-            and self._schema is not None
-            and self._schema.capabilities.binary == binary.MEDIA_TYPE
-        ):
+        if endpoint in COMPUTATIONAL and self._binary(index):
             body = binary.encode(payload)
             headers = _BINARY_HEADERS
         else:

@@ -13,7 +13,6 @@ Derivatives with respect to the primal point are refused, as for every
 (co)tangent of a Tesseract.
 """
 
-import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -53,8 +52,16 @@ class _Target(eqx.Module):
 
     @property
     def T(self) -> "_Target":
-        fields = [getattr(self, f.name) for f in dataclasses.fields(self)]
-        return _Target(*fields[:-1], not self.transposed)
+        return _Target(
+            self.call,
+            self.operands,
+            self.wrt,
+            self.of,
+            self.ins,
+            self.outs,
+            self.tags,
+            not self.transposed,
+        )
 
 
 def _target(operator: Any) -> _Target | None:
