@@ -237,11 +237,18 @@ def decide(
         # server gets them in flight at once when it has the workers.
         costs = {r: c for r, c in costs.items() if r != "jacobian"}
     elif k == 1 and client.schema.has(kind):
-        # One tangent: the plain endpoint, unless the whole Jacobian is measured to be
-        # cheaper by far than a measured JVP: a flip on timing noise would surprise.
+        # One tangent: the plain endpoint. Only on a stock server, whose single
+        # requests can be slow for reasons of its own (several workers without
+        # `TCP_NODELAY`: ~40 ms each), may the whole Jacobian replace it, and only
+        # when measured to be cheaper by far than a measured JVP: a flip on timing
+        # noise would surprise, and a Krylov solve would fetch it every iteration.
         costs = {r: c for r, c in costs.items() if r in ("sequential", "jacobian")}
         measured = client.latency.get(kind, size) is not None
-        if not measured or costs.get("jacobian", math.inf) > 0.5 * costs["sequential"]:
+        if (
+            not client.capabilities.is_stock
+            or not measured
+            or costs.get("jacobian", math.inf) > 0.5 * costs["sequential"]
+        ):
             costs.pop("jacobian", None)
     if not costs:
         costs = {"sequential": math.inf}

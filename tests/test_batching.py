@@ -331,3 +331,20 @@ def test_auto_explains_before_it_decides(client, case, transport):
         f.explain(inputs, wrt="v")
     points = f.explain(inputs, kind="apply", k=3)
     assert points.chosen == ("batched" if has_batched(transport) else "sequential")
+
+
+@pytest.mark.parametrize("tesseract", ["bratu"])
+@pytest.mark.parametrize("transport", ["tlx", "stock"])
+def test_one_tangent_goes_plain_but_on_a_slow_stock_server(client, transport):
+    """K=1 goes to the plain endpoint; only a stock server whose single JVP is
+    measured at over twice a whole `/jacobian` (several workers without
+    `TCP_NODELAY`) gets the Jacobian instead. On tesseract-lx, never: a Krylov solve
+    would fetch the Jacobian at every iteration."""
+    from tesseract_lx._batching import decide
+
+    size = 3 * 16
+    for _ in range(3):  # the first sample of each is cold, and does not count
+        client.latency.record(JVP, size, 1, 40e-3)
+        client.latency.record("jacobian", size, 1, 5e-3)
+    decision = decide(client, tlx.Auto(), JVP, 1, 16, 16, size)
+    assert decision.chosen == ("jacobian" if transport == "stock" else "sequential")
