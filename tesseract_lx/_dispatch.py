@@ -24,6 +24,7 @@ from ._errors import TesseractNonFiniteError
 from ._tree import flatten_outputs, Leaf
 from ._wire import paths
 from ._wire.schema import ArrayNode, node_at
+from ._wire.solvers import RESULTS_NAMES
 from ._wire.spec import APPLY, BATCHED_APPLY, JACOBIAN, JVP, LINEAR_SOLVE, VJP
 
 
@@ -494,7 +495,7 @@ def run_solve(
     rhs_paths,
     rhs_shapes,
     sol_paths,
-    sol_shapes,
+    sol_structs,
     transpose: bool,
     spec: dict,
     tags: list,
@@ -505,8 +506,6 @@ def run_solve(
     Returns `(*solution leaves, result codes, step counts)`, each with the leading
     axes of the batch (codes index `solvers.RESULTS_NAMES`).
     """
-    from ._wire.solvers import RESULTS_NAMES
-
     base = [leaf.shape for leaf in call.inputs]
     rhs_base = [tuple(shape) for shape in rhs_shapes]
     arrays, shapes = [*primals, *rhs], [*base, *rhs_base]
@@ -523,7 +522,7 @@ def run_solve(
     ]
     batched = [True] * len(flat_p)
     _, groups = _groups(flat_p, batched, len(flat_p))
-    sols = [np.empty((k, *shape)) for shape in sol_shapes]
+    sols = [np.empty((k, *s.shape), s.dtype) for s in sol_structs]
     codes = np.empty(k, np.int32)
     steps = np.empty(k, np.int32)
     for idx, point in groups:
@@ -540,13 +539,24 @@ def run_solve(
             LINEAR_SOLVE, payload, size=_size(point), k=len(idx)
         )
         for out, p in zip(sols, sol_paths):
-            value = np.asarray(answer["solution"][p])
+            value = np.asarray(answer["solution"].get(p))
+            if value.shape != (len(idx), *out.shape[1:]):
+                raise ValueError(
+                    f"`/{LINEAR_SOLVE}` answered `solution.{p}` with shape "
+                    f"{value.shape}; expected {(len(idx), *out.shape[1:])}."
+                )
             check_finite(call, LINEAR_SOLVE, p, value, len(idx))
             out[idx] = value
+        unknown = set(answer["result"]) - set(RESULTS_NAMES)
+        if unknown:
+            raise ValueError(
+                f"`/{LINEAR_SOLVE}` answered results {sorted(unknown)}, which this "
+                f"lineax does not know ({', '.join(RESULTS_NAMES)})."
+            )
         codes[idx] = [RESULTS_NAMES.index(r) for r in answer["result"]]
         steps[idx] = answer["num_steps"]
     return (
-        *(s.reshape(*lead, *shape) for s, shape in zip(sols, sol_shapes)),
+        *(s.reshape(*lead, *s.shape[1:]) for s in sols),
         codes.reshape(lead),
         steps.reshape(lead),
     )

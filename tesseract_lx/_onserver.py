@@ -257,7 +257,7 @@ def _solve(target: _Target, vector: Any, solver: Any):
             rhs_paths=rhs_paths,
             rhs_shapes=[s.shape for s in rhs_structs],
             sol_paths=sol_paths,
-            sol_shapes=[s.shape for s in sol_structs],
+            sol_structs=sol_structs,
             transpose=target.transposed,
             spec=spec,
             tags=tags,
