@@ -23,6 +23,6 @@ shift || true
 case "$job" in
     demo) exec python examples/bratu_newton.py "$@" ;;
     test) ruff check --quiet . && pyright --warnings && exec python -m pytest -q --durations=15 "$@" ;;
-    bench) exec python benchmarks/batching.py "$@" ;;
+    bench) exec python benchmarks/suite.py "$@" ;;
     *) echo "usage: bash dev.sh {demo|test|bench} [args...]" >&2; exit 2 ;;
 esac

@@ -1,5 +1,6 @@
-"""What every benchmark script shares: progress lines and the versions it ran on."""
+"""What every benchmark script shares: progress lines, the machine and versions."""
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -12,6 +13,41 @@ def log(*args) -> None:
     print(*args, flush=True)
 
 
+def commit() -> str:
+    """The commit of this checkout, `+changes` if the work tree differs from it."""
+    try:
+        rev, changes = (
+            subprocess.run(
+                ["git", "-C", str(ROOT), *cmd],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            for cmd in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain"])
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return rev + ("+changes" if changes else "")
+
+
+def machine() -> str:
+    """Cores, CPU, architecture and OS of this machine."""
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                line.split(":", 1)[1].strip()
+                for line in f
+                if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {platform.machine()}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
 def versions() -> str:
     """The versions of everything measured, and the commit of this checkout."""
     import equinox
@@ -21,18 +57,9 @@ def versions() -> str:
     import requests
     import tesseract_core
 
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "?"
     return (
         f"Python {platform.python_version()}, jax {jax.__version__}, "
         f"tesseract-core {tesseract_core.__version__}, equinox {equinox.__version__}, "
         f"lineax {lineax.__version__}, optimistix {optimistix.__version__}, "
-        f"requests {requests.__version__}, tesseract_lx @ {rev}"
+        f"requests {requests.__version__}, tesseract_lx @ {commit()}"
     )

@@ -1,7 +1,7 @@
 """Benchmark: how K tangents reach a Tesseract server, and what the cache saves.
 
 A benchmark, not a test: it serves real local Tesseracts over loopback, measures wall
-times and request counts, and writes `benchmarks/results.md` and
+times and request counts, and writes `benchmarks/batching.md` and
 `benchmarks/batching.png` (next to this file).
 
 1. `jax.vmap` of a JVP over K tangents of the `bratu` Tesseract (n = N^2 = 64, 256,
@@ -472,7 +472,7 @@ def main() -> None:
     text = "# Batching benchmark\n\n" + tables(rows, heavy, newton, header)
     text += "\n" + targets(rows, heavy, newton)
     text += f"\nTotal benchmark time: {time.perf_counter() - start:.0f} s.\n"
-    (opts.out / "results.md").write_text(text)
+    (opts.out / "batching.md").write_text(text)
     log("\n" + text)
     plot(rows, opts.out / "batching.png")
 

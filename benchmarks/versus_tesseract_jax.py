@@ -24,10 +24,11 @@ scenario run on the pure-JAX reference `bratu_ref` (`tests/references.py`). A sc
 that raises gets its error text in `note`.
 
     --peer: tesseract-jax's `tesseract_jax.apply_tesseract`, run from a venv that
-        has `tesseract-jax==0.4.0` (it needs its own: it pins other versions)
-        PEER_VENV/bin/python benchmarks/versus_tesseract_jax.py --peer
+        has `tesseract-jax==0.4.0` (it needs its own: it pins other versions; `bash
+        dev.sh bench` makes one at out/peer-venv)
+        out/peer-venv/bin/python benchmarks/versus_tesseract_jax.py --peer
     --ours: `tesseract_lx.apply_tesseract` (same signature)
-        bash dev.sh bench  # then: .venv/bin/python benchmarks/versus_tesseract_jax.py --ours
+        .venv/bin/python benchmarks/versus_tesseract_jax.py --ours
 """
 
 import argparse
@@ -39,9 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections import Counter
-from functools import wraps
 from pathlib import Path
 
 import jax
@@ -51,6 +50,8 @@ import numpy as np
 import optimistix as optx
 import requests
 import tesseract_core
+from _peer import counted
+from _scenarios import failure
 from tesseract_core import Tesseract
 
 
@@ -178,31 +179,12 @@ def stock_server(api: Path):
                     proc.wait()
 
 
-def counted(tesseract: Tesseract) -> list[str]:
-    """The endpoints `tesseract` sends requests to from now on, in order."""
-    sent = []
-    run = tesseract._client.run_tesseract
-
-    @wraps(run)
-    def run_counted(endpoint, *args, **kwargs):
-        sent.append(endpoint)
-        return run(endpoint, *args, **kwargs)
-
-    tesseract._client.run_tesseract = run_counted
-    tesseract.openapi_schema  # fetched (once) before counting
-    return sent
-
-
 def run(scenario, f):
     try:
         out, note = scenario(f)
         return jax.block_until_ready(out), note
     except Exception as e:  # a failing scenario is a result
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        return None, (
-            f"{type(e).__name__}: {' '.join(str(e).split())} (raised at "
-            f"{Path(where.filename).name}:{where.lineno} in {where.name})"
-        )
+        return None, failure(e)
 
 
 def order(sent: list[str]) -> str:
