@@ -12,7 +12,7 @@ times and request counts, and writes `benchmarks/batching.md` and
 3. Newton-GMRES on the `heavy` Tesseract, tesseract-lx server with and without its
    linearisation cache.
 
-    cd /work/main && PYTHONPATH=. python benchmarks/batching.py [--quick]
+    PYTHONPATH=. .venv/bin/python benchmarks/batching.py [--quick]
 """
 
 import argparse
