@@ -406,6 +406,9 @@ def write_results(rows: list[dict], meta: dict, out: Path, *, profile: Path) -> 
         "",
         targets(rows),
         "",
+        "Newton-GMRES on the heavy Tesseract with the server's linearisation compiled "
+        "once and traced at every point: `linearisation.md`, made by the same command.",
+        "",
         "## Per-request time profile",
         "",
         "<!-- profile -->",

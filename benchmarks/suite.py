@@ -387,6 +387,10 @@ def main(argv: list[str] | None = None) -> None:
     if opts.json is not None:
         opts.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     log(f"wrote {opts.out / 'RESULTS.md'} in {meta['seconds']:.0f} s")
+    if not opts.smallest and opts.only is None:
+        import linearisation  # the server's linearisation, compiled or not
+
+        linearisation.main(["--out", str(opts.out)])
 
 
 if __name__ == "__main__":

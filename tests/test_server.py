@@ -29,6 +29,7 @@ from tesseract_core import Tesseract
 from tesseract_core.runtime.core import load_module_from_path
 from tesseract_core.runtime.serve import create_rest_api
 from tesseract_lx._server import create_app
+from tesseract_lx._server.cache import CacheSettings
 from tesseract_lx._transport import ASGITransport
 from tesseract_lx._wire import binary
 from tesseract_lx._wire.encoding import ACCEPT, decode_tree, encode_tree
@@ -1144,3 +1145,27 @@ def test_client_sends_binary_where_offered(servers):
         np.testing.assert_allclose(out["y"], pytree_ref(inputs)["y"], rtol=1e-12)
     assert ("apply", binary.MEDIA_TYPE) in seen
     assert all(t == binary.MEDIA_TYPE for e, t in seen if e in COMPUTATIONAL)
+
+
+def test_linearisation_compiled_once_or_not_at_all():
+    """The same JVPs with the compiled linearisation and with `jit=False` (traced
+    anew at every point), against the pure-JAX reference."""
+    module = load_module_from_path(_api("pytree"))
+    rng = np.random.default_rng(11)
+    points = [_point("pytree", rng) for _ in range(3)]
+    t = rng.normal(size=5)
+    for jit in (True, False):
+        app = create_app(module, cache=CacheSettings(jit=jit))
+        for p in points:
+            status, out = _asgi(
+                app,
+                "POST",
+                "/jacobian_vector_product",
+                _jvp_payload(p, ["x"], ["y"], {"x": t}),
+            )
+            assert status == 200
+            ref = jax.jvp(lambda x: pytree_ref({**p, "x": x})["y"], (p["x"],), (t,))[1]
+            np.testing.assert_allclose(out["y"], ref, rtol=1e-12)
+        stats = app.state.tesseract_lx.info()["linearisation_cache"]
+        assert stats["jit"] is jit and stats["misses"] == 3
+        assert stats["compiles"] == (1 if jit else 0)

@@ -96,6 +96,8 @@ class CacheSettings:
     - `max_entries`: most linearisations kept at once.
     - `max_bytes`: most residual bytes kept at once; a single linearisation larger than
         this is used for its own request and not kept.
+    - `jit`: compile the linearisation once per signature (`jax.jit`); off, it is
+        traced anew at every point (for a Tesseract that misbehaves under `jit`).
     - `tesseract_vjp_cache`: also switch on tesseract-core's own VJP cache
         (`set_jax_vjp_cache_size(max_entries)`), which makes a JAX recipe's `/apply`
         keep its backward pass for a later VJP. Off by default: it runs every `/apply`
@@ -107,13 +109,15 @@ class CacheSettings:
     enabled: bool = True
     max_entries: int = 8
     max_bytes: int = 1024 * _MiB
+    jit: bool = True
     tesseract_vjp_cache: bool = False
 
     @classmethod
     def from_env(cls, *, enabled: bool | None = None) -> "CacheSettings":
         """Settings from `TESSERACT_LX_CACHE` (`0`/`1`), `TESSERACT_LX_CACHE_ENTRIES`,
-        `TESSERACT_LX_CACHE_MB` and `TESSERACT_LX_TESSERACT_VJP_CACHE` (`0`/`1`);
-        `enabled`, when given, wins over the environment.
+        `TESSERACT_LX_CACHE_MB`, `TESSERACT_LX_CACHE_JIT` (`0`/`1`) and
+        `TESSERACT_LX_TESSERACT_VJP_CACHE` (`0`/`1`); `enabled`, when given, wins
+        over the environment.
         """
         if enabled is None:
             enabled = _flag("TESSERACT_LX_CACHE", True)
@@ -123,6 +127,7 @@ class CacheSettings:
             enabled=enabled,
             max_entries=entries,
             max_bytes=int(mb * _MiB),
+            jit=_flag("TESSERACT_LX_CACHE_JIT", True),
             tesseract_vjp_cache=_flag("TESSERACT_LX_TESSERACT_VJP_CACHE", False),
         )
 
@@ -131,6 +136,7 @@ class CacheSettings:
             "enabled": self.enabled,
             "max_entries": self.max_entries,
             "max_bytes": self.max_bytes,
+            "jit": self.jit,
             "tesseract_vjp_cache": self.tesseract_vjp_cache,
         }
 
@@ -296,6 +302,8 @@ class LinearisationCache:
         paths = list(arrays)
         key = (sig, trees.key(skeleton))
         leaves = [arrays[p] for p in paths]
+        if not self.settings.jit:
+            return key, None, leaves
         with self._lock:
             if key in self._eager:
                 self._eager.move_to_end(key)
