@@ -304,7 +304,7 @@ SCENARIOS = {
         "newton",
         "`optx.root_find` with `optx.Newton(linear_solver=lx.GMRES(...))`, from u = 0",
         newton_gmres,
-        (("bratu", 16, 0), ("heavy", 16, 0)),
+        (("bratu", 16, 0), ("bratu", 32, 0), ("heavy", 16, 0)),
     ),
     "newton_onserver": Scenario(
         "newton",
