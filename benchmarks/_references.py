@@ -68,6 +68,7 @@ def heavy_inputs(n: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
-REFERENCES = {"bratu": bratu_ref, "heavy": heavy_ref}
-INPUTS = {"bratu": bratu_inputs, "heavy": heavy_inputs}
+# `bratu_numpy`: the same maths as `bratu`, served by NumPy code (no JAX).
+REFERENCES = {"bratu": bratu_ref, "heavy": heavy_ref, "bratu_numpy": bratu_ref}
+INPUTS = {"bratu": bratu_inputs, "heavy": heavy_inputs, "bratu_numpy": bratu_inputs}
 APIS = {name: TESSERACTS / name / "tesseract_api.py" for name in REFERENCES}

@@ -304,14 +304,14 @@ SCENARIOS = {
         "newton",
         "`optx.root_find` with `optx.Newton(linear_solver=lx.GMRES(...))`, from u = 0",
         newton_gmres,
-        (("bratu", 16, 0), ("bratu", 32, 0), ("heavy", 16, 0)),
+        (("bratu", 16, 0), ("bratu", 32, 0), ("heavy", 16, 0), ("bratu_numpy", 16, 0)),
     ),
     "newton_onserver": Scenario(
         "newton",
         "`optx.Newton(linear_solver=tlx.OnServer(lx.GMRES(...)))`: the Krylov loop on "
         "the server (tesseract-jax and pure JAX: the same maths, `lx.GMRES` locally)",
         newton_onserver,
-        (("bratu", 16, 0), ("bratu", 32, 0), ("heavy", 16, 0)),
+        (("bratu", 16, 0), ("bratu", 32, 0), ("heavy", 16, 0), ("bratu_numpy", 16, 0)),
     ),
     "gmres": Scenario(
         "solve",

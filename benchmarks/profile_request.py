@@ -8,52 +8,57 @@ A benchmark, not a test. It writes `benchmarks/PROFILE.md` (next to this file):
 `g = u -> tlx.TesseractModule(client)({"u": u, "k": k, "f": f})["residual"]`, on the
 `bratu` example Tesseract (N x N grid, n = N^2 unknowns), `jax_enable_x64` on, each call
 followed by `block_until_ready`: exactly one `/jacobian_vector_product` request per call
-(checked). Three servers, 1 worker each, on 127.0.0.1:
+(checked). Three servers, 1 worker each, uvicorn (httptools, uvloop) on 127.0.0.1:
 
 - `lx`: `tesseract-lx serve` (`tlx.serve(path)`), linearisation cache on: every timed
-  request is a cache hit (same primal point, as in a Krylov solve);
+  request is a cache hit (same primal point, as in a Krylov solve). The client sends
+  it binary bodies (`_wire/binary.py`), answered by `BinaryRoutes` (`_server/lean.py`),
+  an ASGI middleware in front of FastAPI;
 - `lx-nocache`: the same with `cache=False` (the Tesseract's own JVP every time);
-- `stock`: `tesseract-runtime serve` (`tlx.serve(path, server="tesseract-runtime")`:
-  port 0, outputs in a temporary folder), tesseract-core's own app and run folders.
+- `stock`: `tesseract-runtime serve` (`tlx.serve(path, server="tesseract-runtime")`),
+  tesseract-core's own app and run folders; the client sends it tesseract-core's JSON.
 
 **Method.**
 
 1. *Clean end to end.* Against the real servers, no instrumentation anywhere: the JVP
-   call, an empty `GET /health` through the client's own `requests` session, and the
-   same through a persistent `http.client.HTTPConnection`, and the JVP request's own
-   bytes posted through `http.client` (the server alone, no JAX, no client); called
-   in turn (one round = each once), medians. The floor of the stack: a bare ASGI app (no FastAPI, no
-   starlette: answers a fixed body) under uvicorn with the same settings, asked by
-   `GET` and by a `POST` of the very bytes of a JVP request answered with as many bytes
-   as a JVP answer, through `requests` and through `http.client`.
+   call, an empty `GET /health` through the client's own transport
+   (`HTTPTransport.send`), and the JVP request's own bytes and headers (captured from
+   the client) posted through a bare `http.client.HTTPConnection` (the server alone: no
+   JAX, no client); called in turn (one round = each once), medians. The floor of the
+   stack: a bare ASGI app (no FastAPI, no starlette: answers a fixed body) under the
+   same uvicorn, asked by `GET` and by a `POST` of the bytes of `lx`'s JVP request,
+   answered with as many bytes as `lx`'s answer.
 2. *Phases.* The same call against an instrumented replica of each server (a child
    process of this script: the same app factory, `create_app` resp. tesseract-core's
-   `create_rest_api`, under `uvicorn.Server` with the same settings, 1 worker), with
+   `create_rest_api`, under `uvicorn.Server` with the same settings), with
    `time.perf_counter_ns` wrappers monkeypatched around the functions of each phase on
-   both ends: client side in this process (`_primitive._HOST`, `Call.payload`,
-   `_dispatch.plan`/`conform`, `Client.request`/`_decode`, `encode_tree`/`decode_tree`,
-   the base64 codec, `orjson.dumps`/`loads`, `HTTPTransport.send`,
-   `requests.Session.request`, urllib3's `HTTPConnection.request`/`getresponse`,
-   `http.client.HTTPResponse._read_status` (the blocking wait for the status line),
-   `Response.content`); server side in the child (uvicorn's `data_received`, the ASGI
-   app and its `send`, starlette's `Request.body`/`json`, FastAPI's
-   `solve_dependencies` (pydantic validation), tesseract-core's endpoint function and
-   the Tesseract's JVP (or the `LinearisationCache.call` around it), `start_run`,
-   `create_response`, the base64 codec, the thread-pool hop). Per request, derived
-   phases are differences of nested timings (e.g. "requests overhead" = time in
-   `Session.request` minus send, wait, header parse and body read); requests are
-   paired client/server by order (one client, one request at a time), so "loopback +
-   wake-ups" = the client's send + wait for the status line - the server's time from
-   `data_received` of the first bytes to the socket write of the status line, per
-   request: syscalls, scheduling, the other process's wake-up. The server's wall time
-   runs to the write of the last bytes. A phase whose function no longer exists (the code
-   moves on) shows `n/a`. Each wrapper costs ~1 us; the table shows the instrumented
-   total next to the clean one.
+   both ends. Client side, in this process: `_primitive._HOST`, `Call.payload`,
+   `_dispatch.plan`/`conform`, `Client.request`/`_decode`, `binary.encode`/`decode`
+   (lx) resp. `encode_tree`, `orjson.dumps`/`loads`, `decode_tree` (stock),
+   `HTTPTransport.send`, `http.client`'s `HTTPConnection.request`/`getresponse`,
+   `HTTPResponse._read_status` (the blocking wait for the status line) and `read`.
+   Server side, in the child: uvicorn's `data_received` and its connections' transport
+   `write`, the ASGI app and its `send`; on `lx` `BinaryRoutes._answer`, its
+   `run_in_threadpool`, `binary.decode`/`encode` and `Runner.call`; on `stock`
+   starlette's `Request.body`/`json`, FastAPI's `solve_dependencies`, `start_run` and
+   `create_response`; on both tesseract-core's endpoint function and the Tesseract's
+   JVP, or `LinearisationCache.call` around it with its key `_digest` and the jitted
+   linear map `_Linear`. Derived phases are differences of nested timings or of the
+   start and end of calls (`lx`'s "request in" runs from the start of `_answer` to
+   the start of `Runner.call`: `binary.decode`, `find_escape`, the payload's
+   `model_validate`). Requests are paired client/server by order (one client, one
+   request at a time), so "loopback + wake-ups" = the client's send + wait for the
+   status line - the server's time from `data_received` of the first bytes to the
+   write of the status line, per request: syscalls, scheduling, the other process's
+   wake-up. The server's wall time runs to the write of the last bytes. A phase not
+   on a server's path shows `–`; a function not found is listed below the tables.
+   Each wrapper costs ~1 us; the table shows the instrumented total next to the
+   clean one.
 3. *cProfile.* 200 calls at n = 1024: this process's main thread (the host callback runs
    there, synchronously) without instrumentation; on the server, the event-loop
    thread and the worker threads of the child (merged). Listed: the top 15 by
-   cumulative time per request, leaving out frames that only wait (epoll, locks,
-   the event loop's `run_forever`) and this script's own frames. A callee whose
+   cumulative time per request, leaving out frames that only wait (locks, the
+   worker threads' loop, uvicorn's main loop) and this script's own frames. A callee whose
    cumulative time is within 3% of its caller's row is folded into it (a chain of
    wrappers: ASGI middleware, JAX's callback layers), its own time added. cProfile
    counts each resumption of a coroutine as a call, and roughly doubles the time of
@@ -73,6 +78,7 @@ import cProfile
 import datetime
 import functools
 import http.client
+import inspect
 import json
 import os
 import platform
@@ -116,18 +122,21 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 # --- timing records, shared by both ends ---------------------------------------------
 
 # The record of the request in progress (one client, one request at a time), or None.
-CURRENT: dict[str, int] | None = None
+CURRENT: dict[str, Any] | None = None
 MISSING: list[str] = []
 
 
-def _add(phase: str, dt: int) -> None:
+def _add(phase: str, t0: int) -> None:
+    """Time since `t0` added to `phase`; `phase@` = start and end of its last call."""
+    t1 = ns()
     rec = CURRENT
     if rec is not None:
-        rec[phase] = rec.get(phase, 0) + dt
+        rec[phase] = rec.get(phase, 0) + t1 - t0
+        rec[phase + "@"] = (t0, t1)
 
 
 def _timed(fn, phase: str):
-    if asyncio.iscoroutinefunction(fn):
+    if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
         async def awrapper(*args, **kwargs):
@@ -135,7 +144,7 @@ def _timed(fn, phase: str):
             try:
                 return await fn(*args, **kwargs)
             finally:
-                _add(phase, ns() - t0)
+                _add(phase, t0)
 
         return awrapper
 
@@ -145,7 +154,7 @@ def _timed(fn, phase: str):
         try:
             return fn(*args, **kwargs)
         finally:
-            _add(phase, ns() - t0)
+            _add(phase, t0)
 
     return wrapper
 
@@ -161,63 +170,47 @@ class _TimedCM:
         try:
             return self.inner.__enter__()
         finally:
-            _add(self.phase, ns() - t0)
+            _add(self.phase, t0)
 
     def __exit__(self, *exc):
         t0 = ns()
         try:
             return self.inner.__exit__(*exc)
         finally:
-            _add(self.phase, ns() - t0)
+            _add(self.phase, t0)
 
 
 class Patches:
     """Monkeypatches, undone in reverse order; a missing target is noted, not fatal."""
 
     def __init__(self):
-        self._undo: list[tuple[Any, str, Any]] = []
+        self._undo: list[tuple[Any, str, Any, bool]] = []
 
-    def set(self, owner: Any, name: str, make, label: str | None = None) -> bool:
-        label = label or f"{getattr(owner, '__name__', owner)}.{name}"
+    def set(self, owner: Any, name: str, make) -> None:
         if owner is None or name not in vars(owner):
-            MISSING.append(label)
-            return False
+            MISSING.append(f"{getattr(owner, '__name__', owner)}.{name}")
+            return
         old = vars(owner)[name]
-        self._undo.append((owner, name, old))
+        self._undo.append((owner, name, old, False))
         setattr(owner, name, make(old))
-        return True
 
-    def timed(self, owner: Any, name: str, phase: str) -> bool:
-        def make(old):
-            if isinstance(old, property):
-                return property(_timed(old.fget, phase), old.fset, old.fdel)
-            return _timed(old, phase)
+    def timed(self, owner: Any, name: str, phase: str) -> None:
+        self.set(owner, name, lambda old: _timed(old, phase))
 
-        return self.set(owner, name, make)
-
-    def set_item(self, mapping: Any, key: Any, make, label: str) -> bool:
+    def set_item(self, mapping: Any, key: Any, make, label: str) -> None:
         if mapping is None or key not in mapping:
             MISSING.append(label)
-            return False
-        old = mapping[key]
-        self._undo.append((mapping, key, _ITEM(old)))
-        mapping[key] = make(old)
-        return True
+            return
+        self._undo.append((mapping, key, mapping[key], True))
+        mapping[key] = make(mapping[key])
 
     def undo(self) -> None:
         while self._undo:
-            owner, name, old = self._undo.pop()
-            if isinstance(old, _ITEM):
-                owner[name] = old.value
+            owner, name, old, item = self._undo.pop()
+            if item:
+                owner[name] = old
             else:
                 setattr(owner, name, old)
-
-
-class _ITEM:
-    """An old value that was a mapping's item, not an attribute."""
-
-    def __init__(self, value: Any):
-        self.value = value
 
 
 def _module(name: str) -> types.ModuleType | None:
@@ -235,13 +228,8 @@ def _attr(owner: Any, name: str) -> Any:
 # --- cProfile, trimmed ---------------------------------------------------------------
 
 # Frames that only wait or schedule: (file name, function), or a builtin's name part.
+# (uvloop's own loop is C: none of its frames show.)
 _WAITING = {
-    ("selectors.py", "select"),
-    ("base_events.py", "run_forever"),
-    ("base_events.py", "_run_once"),
-    ("base_events.py", "run_until_complete"),
-    ("events.py", "_run"),
-    ("runners.py", "run"),
     ("threading.py", "wait"),
     ("queue.py", "get"),
     ("server.py", "main_loop"),
@@ -250,7 +238,7 @@ _WAITING = {
     ("server.py", "run"),
     ("_asyncio.py", "run"),  # anyio's worker thread loop
 }
-_WAITING_BUILTINS = ("select.epoll", "_thread.lock", "_lsprof.Profiler", "Context")
+_WAITING_BUILTINS = ("_thread.lock", "_lsprof.Profiler", "Context")
 # Rows whose cumulative time is within this fraction of the row above are one chain
 # of wrappers (ASGI middleware, JAX's callback layers): folded into one row.
 _FOLD = 0.97
@@ -324,73 +312,84 @@ class _ServerProbe:
     profiled: int = 0
 
 
+class _TimedTransport:
+    """A connection's transport (uvloop's: not patchable) whose writes are stamped:
+    the first write of an answer carries its status line, the last its last bytes
+    (what the syscall and the wake-ups cost after that is the network's)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def write(self, data) -> None:
+        rec = CURRENT
+        t0 = ns()
+        try:
+            return self._inner.write(data)
+        finally:
+            if rec is not None:
+                rec.setdefault("t_write_first", t0)
+                rec["t_write"], rec["write_last"] = t0, ns() - t0
+
+
 def _instrument_server(patches: Patches) -> None:
     """Every server-side phase wrapper (the app is built after this)."""
     probe = _ServerProbe
 
-    for mod_name, cls_name in (
-        ("uvicorn.protocols.http.h11_impl", "H11Protocol"),
-        ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"),
-        ("uvicorn.protocols.http.zttp_impl", "ZttpProtocol"),
-    ):
-        try:
-            cls = getattr(__import__(mod_name, fromlist=["_"]), cls_name)
-        except ImportError:
-            continue
+    # uvicorn's protocol with httptools installed (else h11: nothing timed here).
+    protocol = _attr(
+        _module("uvicorn.protocols.http.httptools_impl"), "HttpToolsProtocol"
+    )
 
-        def make(old, cls_name=cls_name):
-            def data_received(self, data):
-                global CURRENT
-                t0 = ns()
-                if probe.open is None:
-                    probe.open = {"t_in": t0, "protocol": cls_name}
-                CURRENT = probe.open
-                try:
-                    return old(self, data)
-                finally:
-                    _add("h11_in", ns() - t0)
-
-            return data_received
-
-        patches.set(cls, "data_received", make)
-
-    def make_write(old):
-        # The last write of a response hands its last bytes to the kernel: the end of
-        # the server's part (what the syscall and the wake-ups cost is the network's).
-        def write(self, data):
-            rec = CURRENT
+    def make_received(old):
+        def data_received(self, data):
+            global CURRENT
             t0 = ns()
+            if probe.open is None:
+                loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+                probe.open = {"t_in": t0, "loop": loop}
+            CURRENT = probe.open
             try:
                 return old(self, data)
             finally:
-                if rec is not None:
-                    rec.setdefault("t_write_first", t0)
-                    rec["t_write"], rec["write_last"] = t0, ns() - t0
+                _add("data_in", t0)
 
-        return write
+        return data_received
 
-    selector_events = _module("asyncio.selector_events")
-    patches.set(_attr(selector_events, "_SelectorSocketTransport"), "write", make_write)
+    patches.set(protocol, "data_received", make_received)
+    patches.set(
+        protocol,
+        "connection_made",
+        lambda old: lambda self, transport: old(self, _TimedTransport(transport)),
+    )
+
+    # tesseract-core's app (stock): JSON in, pydantic, run folder, JSON out.
     requests_mod = _module("starlette.requests")
     patches.timed(_attr(requests_mod, "Request"), "body", "body")
     patches.timed(_attr(requests_mod, "Request"), "json", "json")
     patches.timed(_module("fastapi.routing"), "solve_dependencies", "validate")
-    encoding = _module("tesseract_core.runtime.array_encoding")
-    patches.timed(encoding, "_load_base64_arraydict", "b64dec")
-    patches.timed(encoding, "_dump_base64_arraydict", "b64enc")
     serve = _module("tesseract_core.runtime.serve")
     patches.set(
         serve,
         "start_run",
         lambda old: lambda *a, **k: _TimedCM(old(*a, **k), "runfolder"),
     )
-    patches.timed(serve, "create_response", "encode")
-    routes = _module("tesseract_lx._server.routes")
-    patches.timed(routes, "create_response", "encode")
-    patches.set(routes, "_null_run", lambda old: lambda: _TimedCM(old(), "runfolder"))
+    patches.timed(serve, "create_response", "create_response")
+    # tesseract-lx's lean path: binary in, the payload model, `Runner`, binary out.
+    lean = _module("tesseract_lx._server.lean")
+    patches.timed(_attr(lean, "BinaryRoutes"), "_answer", "answer")
+    binary = _module("tesseract_lx._wire.binary")
+    patches.timed(binary, "decode", "bdecode")
+    patches.timed(binary, "encode", "bencode")
+    patches.timed(
+        _attr(_module("tesseract_lx._server.routes"), "Runner"), "call", "run"
+    )
     cache = _module("tesseract_lx._server.cache")
     patches.timed(_attr(cache, "LinearisationCache"), "call", "compute_cached")
-    patches.timed(cache, "primal_digest", "digest")
+    patches.timed(cache, "_digest", "digest")
+    patches.timed(_attr(cache, "_Linear"), "__call__", "linear")
 
     def wrap_endpoints(old):
         def create_endpoints(api_module):
@@ -430,12 +429,13 @@ def _instrument_server(patches: Patches) -> None:
             try:
                 return await old(inner)
             finally:
-                if "end" in box:
-                    _add("pool_hop", box["start"] - t0 + ns() - box["end"])
+                if "end" in box and CURRENT is not None:
+                    hop = box["start"] - t0 + ns() - box["end"]
+                    CURRENT["pool_hop"] = CURRENT.get("pool_hop", 0) + hop
 
         return run_in_threadpool
 
-    patches.set(routes, "run_in_threadpool", wrap_pool)
+    patches.set(lean, "run_in_threadpool", wrap_pool)
 
 
 def _probe_app(app):
@@ -481,7 +481,6 @@ def _probe_app(app):
             await control(scope, receive, send)
             return
         rec = probe.open or {"t_in": ns()}
-        rec["t_app"] = ns()
         CURRENT = rec
         keep = scope["method"] == "POST" and scope["path"].endswith(
             "jacobian_vector_product"
@@ -491,7 +490,7 @@ def _probe_app(app):
             global CURRENT
             t0 = ns()
             await send(message)
-            _add("send", ns() - t0)
+            _add("send", t0)
             if message["type"] == "http.response.body" and not message.get(
                 "more_body", False
             ):
@@ -515,7 +514,7 @@ async def _raw_app(scope, receive, send) -> None:
         more = message.get("more_body", False)
     query = urllib.parse.parse_qs(scope.get("query_string", b"").decode())
     size = int(query.get("size", ["0"])[0])
-    body = b'{"status":"ok"}' if not size else b'"' + b"A" * (size - 2) + b'"'
+    body = b'{"status":"ok"}' if not size else b"A" * size
     headers = [(b"content-type", b"application/json")]
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -527,14 +526,13 @@ def child_main(kind: str, port_file: str) -> None:
     as `tesseract-lx serve` resp. `tesseract-runtime serve` would, 1 worker."""
     import uvicorn
 
-    patches = Patches()
     config_cls: Any = uvicorn.Config
     settings: dict[str, Any] = {"timeout_keep_alive": 60}
     if kind == "raw":
         app: Any = _raw_app
         settings["lifespan"] = "off"
     else:
-        _instrument_server(patches)
+        _instrument_server(Patches())
         from tesseract_core.runtime.core import load_module_from_path
 
         api = load_module_from_path(os.environ["TESSERACT_API_PATH"])
@@ -555,8 +553,7 @@ def child_main(kind: str, port_file: str) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
-    config = config_cls(app, host="127.0.0.1", port=0, **settings)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(config_cls(app, host="127.0.0.1", port=0, **settings))
     Path(port_file).write_text(f"{sock.getsockname()[1]}\n{json.dumps(MISSING)}")
     server.run(sockets=[sock])
 
@@ -595,14 +592,14 @@ def child_server(kind: str):
                 if port_file.exists() and port_file.read_text().count("\n"):
                     port_text, missing = port_file.read_text().split("\n", 1)
                     url = f"http://127.0.0.1:{port_text}"
+                    ask, conn = _connection(url)
                     try:
-                        conn = http.client.HTTPConnection("127.0.0.1", int(port_text))
-                        conn.request("GET", "/health")
-                        if conn.getresponse().status == 200:
-                            conn.close()
-                            break
-                    except OSError:
+                        ask("GET", "/health")
+                        break
+                    except (OSError, AssertionError):
                         pass
+                    finally:
+                        conn.close()
                 time.sleep(0.1)
             yield url, json.loads(missing)
         finally:
@@ -624,6 +621,22 @@ def _jax():
 
     jax.config.update("jax_enable_x64", True)
     return jax
+
+
+def _connection(url: str):
+    """`(ask, conn)`: `ask(method, path, body, headers) -> answer body` on one
+    persistent bare `http.client` connection to `url`; a status but 200 fails."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port)
+
+    def ask(method: str, path: str, body=None, headers=None) -> bytes:
+        conn.request(method, path, body, headers or {})
+        r = conn.getresponse()
+        content = r.read()
+        assert r.status == 200, (r.status, content)
+        return content
+
+    return ask, conn
 
 
 def jvp_call(client, side: int):
@@ -654,47 +667,29 @@ def jvp_call(client, side: int):
     return call
 
 
-def bare_calls(client, url: str, side: int) -> dict:
-    """`GET /health` through the client's own session and through `http.client`; the
-    JVP request's own bytes posted through `http.client` (no JAX, no client)."""
-    from tesseract_lx._wire.encoding import ACCEPT
+def _captured(client, call) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of the request that `call()` sends through `client`."""
+    transport = client._transports[0]
+    seen: dict[str, Any] = {}
 
-    session = client._transports[0]._session()
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port)
-    body = _jvp_body(side)
-    headers = {"Content-Type": "application/json", "Accept": ACCEPT}
+    def send(method, endpoint, body=None, headers=None):
+        seen.update(body=body, headers={**transport.headers, **(headers or {})})
+        return type(transport).send(transport, method, endpoint, body, headers)
 
-    def via_requests():
-        r = session.get(f"{url}/health", timeout=10)
-        assert r.status_code == 200
-        return r.content
-
-    def via_http_client():
-        conn.request("GET", "/health")
-        r = conn.getresponse()
-        assert r.status == 200
-        return r.read()
-
-    def jvp_http_client():
-        conn.request("POST", "/jacobian_vector_product", body, headers)
-        r = conn.getresponse()
-        assert r.status == 200
-        return r.read()
-
-    return {
-        "health_requests": via_requests,
-        "health_http_client": via_http_client,
-        "jvp_http_client": jvp_http_client,
-    }
+    transport.send = send
+    try:
+        call()
+    finally:
+        del transport.send
+    return seen["body"], seen["headers"]
 
 
-def interleaved(fns: dict, calls: int) -> dict[str, list[float]]:
+def interleaved(fns: dict, calls: int) -> dict[Any, list[float]]:
     """ms of each callable, called in turn, so a drift in load hits all alike."""
     for _ in range(WARMUP):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[Any, list[float]] = {name: [] for name in fns}
     for _ in range(calls):
         for name, fn in fns.items():
             t0 = ns()
@@ -707,68 +702,43 @@ def _median(xs) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def _client_patches(sizes: dict) -> Patches:
+def _client_patches() -> Patches:
     """Every client-side phase wrapper."""
     patches = Patches()
     primitive = _module("tesseract_lx._primitive")
-    host_table = _attr(primitive, "_HOST")
-    jvp_p = _attr(primitive, "jvp_p")
-
-    def make_host(old):
-        def host(*args, **kwargs):
-            _add("t_host_in", ns())
-            try:
-                return old(*args, **kwargs)
-            finally:
-                _add("t_host_out", ns())
-
-        return host
-
-    patches.set_item(host_table, jvp_p, make_host, "tesseract_lx._primitive._HOST")
+    patches.set_item(
+        _attr(primitive, "_HOST"),
+        _attr(primitive, "jvp_p"),
+        lambda old: _timed(old, "host"),
+        "tesseract_lx._primitive._HOST",
+    )
     patches.timed(_attr(_module("tesseract_lx._call"), "Call"), "payload", "payload")
     dispatch = _module("tesseract_lx._dispatch")
     patches.timed(dispatch, "plan", "plan")
     patches.timed(dispatch, "conform", "conform")
     client_mod = _module("tesseract_lx._client")
-    client_cls = _attr(client_mod, "Client")
-    patches.timed(client_cls, "request", "request")
-    patches.timed(client_cls, "_decode", "decode")
-    patches.timed(client_mod, "encode_tree", "encode_tree")
-    patches.timed(client_mod, "decode_tree", "decode_tree")
-    encoding = _module("tesseract_lx._wire.encoding")
-    patches.timed(encoding, "_dump_base64_arraydict", "b64enc")
-    patches.timed(encoding, "_load_base64_arraydict", "b64dec")
+    patches.timed(_attr(client_mod, "Client"), "request", "request")
+    patches.timed(_attr(client_mod, "Client"), "_decode", "decode")
+    # lx: binary bodies; stock: tesseract-core's JSON. Each is one server's path.
+    binary = _module("tesseract_lx._wire.binary")
+    patches.timed(binary, "encode", "encode")
+    patches.timed(binary, "decode", "decode_inner")
+    patches.timed(client_mod, "encode_tree", "encode")
+    patches.timed(client_mod, "decode_tree", "decode_inner")
 
     def proxy_orjson(old):
-        def dumps(*args, **kwargs):
-            t0 = ns()
-            out = old.dumps(*args, **kwargs)
-            _add("dumps", ns() - t0)
-            sizes["request_bytes"] = len(out)
-            return out
-
-        def loads(data, *args, **kwargs):
-            t0 = ns()
-            out = old.loads(data, *args, **kwargs)
-            _add("loads", ns() - t0)
-            sizes["response_bytes"] = len(data)
-            return out
-
         names = {k: getattr(old, k) for k in dir(old) if not k.startswith("__")}
-        return types.SimpleNamespace(**{**names, "dumps": dumps, "loads": loads})
+        names["dumps"] = _timed(old.dumps, "encode")
+        names["loads"] = _timed(old.loads, "decode_inner")
+        return types.SimpleNamespace(**names)
 
     patches.set(client_mod, "orjson", proxy_orjson)
-    patches.timed(
-        _attr(_module("tesseract_lx._transport"), "HTTPTransport"), "send", "transport"
-    )
-    import requests
-    import urllib3.connection
-
-    patches.timed(requests.Session, "request", "requests")
-    patches.timed(requests.models.Response, "content", "read_body")
-    patches.timed(urllib3.connection.HTTPConnection, "request", "sock_send")
-    patches.timed(urllib3.connection.HTTPConnection, "getresponse", "getresponse")
+    transport = _module("tesseract_lx._transport")
+    patches.timed(_attr(transport, "HTTPTransport"), "send", "transport")
+    patches.timed(http.client.HTTPConnection, "request", "sock_send")
+    patches.timed(http.client.HTTPConnection, "getresponse", "getresponse")
     patches.timed(http.client.HTTPResponse, "_read_status", "wait")
+    patches.timed(http.client.HTTPResponse, "read", "read_body")
     return patches
 
 
@@ -785,25 +755,35 @@ def _minus(a: float | None, *bs: float | None) -> float | None:
     return a - sum(b for b in bs if b is not None)
 
 
+def _span(rec: dict, start: str, end: str) -> float | None:
+    """ms from the stamp `start` (`phase@0` / `phase@1`: its start / end) to `end`."""
+    (a, i), (b, j) = start.split("@"), end.split("@")
+    if a + "@" not in rec or b + "@" not in rec:
+        return None
+    return (rec[b + "@"][int(j)] - rec[a + "@"][int(i)]) / 1e6
+
+
 CLIENT_ROWS = (
     ("callback entry: jit dispatch, XLA, `pure_callback` -> host", "entry"),
     ("dispatch: payload building (`Call.payload`)", "payload"),
     ("dispatch: batching plan (`_batching.plan`)", "plan"),
-    ("dispatch: other (`_run_linear`/`linear`: arrays, dicts, checks)", "dispatch"),
-    ("encode: `encode_tree` (arrays -> base64 dicts)", "encode_tree"),
-    ("  of which base64 (`pybase64`, tesseract-core's codec)", "b64enc"),
-    ("encode: `orjson.dumps`", "dumps"),
+    ("dispatch: other (`run_jvp`/`linear`: arrays, dicts, checks)", "dispatch"),
+    (
+        "encode: `binary.encode` (lx) / `encode_tree` + `orjson.dumps` (stock)",
+        "encode",
+    ),
     ("client: `Client.request` bookkeeping (stats, lock, latency)", "request_other"),
-    ("transport: `HTTPTransport.send` around `requests`", "transport_other"),
-    ("requests: prepare, settings, adapter, urllib3 pool", "requests_other"),
-    ("HTTP: send request + wait for the status line", "send_wait"),
+    ("transport: `HTTPTransport.send` around `http.client`", "transport_other"),
+    ("HTTP: `http.client` send + wait for the status line", "send_wait"),
     ("  of which in `HTTPConnection.request` (sending)", "sock_send"),
     ("  of which server: first byte in -> status line written", "server_wall"),
     ("  of which loopback + wake-ups (send + wait - server part)", "network"),
-    ("HTTP: parse status/headers, urllib3 response", "headers"),
-    ("HTTP: read body (`Response.content`)", "read_body"),
-    ("decode: `orjson.loads`", "loads"),
-    ("decode: `decode_tree` (base64 -> arrays)", "decode_tree"),
+    ("HTTP: parse status line + headers (`getresponse` - wait)", "headers"),
+    ("HTTP: read body (`HTTPResponse.read`)", "read_body"),
+    (
+        "decode: `binary.decode` (lx) / `orjson.loads` + `decode_tree` (stock)",
+        "decode_inner",
+    ),
     ("decode: other (`Client._decode`)", "decode_other"),
     ("conform: dtype/shape back (`_dtypes.conform`)", "conform"),
     ("back to JAX: callback return, `block_until_ready`", "back"),
@@ -811,86 +791,101 @@ CLIENT_ROWS = (
 )
 
 SERVER_ROWS = (
-    ("uvicorn: h11 `data_received` (parse request)", "h11_in"),
-    ("starlette: `Request.body`", "body"),
-    ("starlette: `Request.json` (stdlib `json.loads`)", "json"),
-    ("FastAPI `solve_dependencies`: pydantic validation", "validate"),
-    ("  of which base64 decode (`_load_base64_arraydict`)", "b64dec"),
+    ("uvicorn: httptools `data_received` (parse request)", "data_in"),
+    (
+        "request in: `BinaryRoutes` `binary.decode` + `find_escape` + payload "
+        "`model_validate` (lx) / `Request.body` + `.json` + FastAPI "
+        "`solve_dependencies` (stock)",
+        "request_in",
+    ),
+    ("  of which `binary.decode` (lx) / `Request.json` (stock)", "parse"),
     ("thread-pool hop (`run_in_threadpool`, there and back)", "pool_hop"),
-    ("run folder + stdio redirect (`start_run`) / null run", "runfolder"),
+    ("`Runner.call`: lock, null run (lx) / `start_run` run folder (stock)", "runner"),
     ("Tesseract JVP (through the cache when on)", "compute"),
-    ("  of which cache key (`primal_digest`)", "digest"),
+    ("  of which cache key (`_digest`)", "digest"),
+    ("  of which the jitted linear map (`_Linear`)", "linear"),
     ("output model validation (endpoint - JVP)", "out_validate"),
-    ("response encoding (`create_response`)", "encode"),
-    ("  of which base64 encode (`_dump_base64_arraydict`)", "b64enc"),
-    ("ASGI `send` -> uvicorn h11 (up to the last write)", "send"),
-    ("framework: routing, middleware, deps, loop (wall - rows)", "framework"),
+    (
+        "response: `model_dump` + `binary.encode` (lx) / `create_response` (stock)",
+        "encode",
+    ),
+    ("  of which `binary.encode`", "bencode"),
+    ("ASGI `send` -> uvicorn (up to the last write)", "send"),
+    ("framework: middleware, routing, loop (wall - rows)", "framework"),
     ("**server wall: first byte in -> last write to the socket**", "wall"),
+)
+# The server rows that add up to the wall (with `framework`).
+_SERVER_PARTS = (
+    "data_in request_in pool_hop runner compute out_validate encode send".split()
 )
 
 
-def client_phases(rec: dict, server: dict | None) -> dict[str, float | None]:
+def client_phases(rec: dict, server: dict) -> dict[str, float | None]:
     """Derived client phases of one request, ms."""
     g = functools.partial(_get, rec)
     out: dict[str, float | None] = {"total": g("total")}
-    if "t_host_in" in rec:
-        out["entry"] = (rec["t_host_in"] - rec["t0"]) / 1e6
-        out["back"] = (rec["t0"] + rec["total"] - rec["t_host_out"]) / 1e6
-        host = (rec["t_host_out"] - rec["t_host_in"]) / 1e6
-    else:
-        out["entry"] = out["back"] = host = None
-    for name in (
-        "payload plan encode_tree b64enc dumps sock_send wait read_body loads "
-        "decode_tree conform"
-    ).split():
+    out["entry"] = (rec["host@"][0] - rec["t0"]) / 1e6
+    out["back"] = (rec["t0"] + rec["total"] - rec["host@"][1]) / 1e6
+    for (
+        name
+    ) in "payload plan encode sock_send wait read_body decode_inner conform".split():
         out[name] = g(name)
-    request, transport, requests_ = g("request"), g("transport"), g("requests")
-    decode, getresponse = g("decode"), g("getresponse")
-    out["dispatch"] = _minus(host, out["payload"], out["plan"], request, out["conform"])
-    out["request_other"] = _minus(
-        request, out["encode_tree"], out["dumps"], transport, decode
+    request, transport, decode = g("request"), g("transport"), g("decode")
+    out["dispatch"] = _minus(
+        g("host"), out["payload"], out["plan"], request, out["conform"]
     )
-    out["transport_other"] = _minus(transport, requests_)
-    out["requests_other"] = _minus(
-        requests_, out["sock_send"], getresponse, out["read_body"]
+    out["request_other"] = _minus(request, out["encode"], transport, decode)
+    out["transport_other"] = _minus(
+        transport, out["sock_send"], g("getresponse"), out["read_body"]
     )
-    out["headers"] = _minus(getresponse, out["wait"])
+    out["headers"] = _minus(g("getresponse"), out["wait"])
     out["send_wait"] = g("sock_send", "wait")
-    out["decode_other"] = _minus(decode, out["loads"], out["decode_tree"])
-    if server is not None and "t_write_first" in server:
-        # The status line goes out in the first write: what the client waited for.
-        out["server_wall"] = (server["t_write_first"] - server["t_in"]) / 1e6
-        out["network"] = _minus(out["send_wait"], out["server_wall"])
+    out["decode_other"] = _minus(decode, out["decode_inner"])
+    # The status line goes out in the first write: what the client waited for.
+    out["server_wall"] = (server["t_write_first"] - server["t_in"]) / 1e6
+    out["network"] = _minus(out["send_wait"], out["server_wall"])
     return out
 
 
 def server_phases(rec: dict) -> dict[str, float | None]:
     """Derived server phases of one request, ms."""
     g = functools.partial(_get, rec)
-    out: dict[str, float | None] = {}
-    for name in (
-        "h11_in body json validate b64dec pool_hop runfolder digest encode b64enc send"
-    ).split():
-        out[name] = g(name)
+    out: dict[str, float | None] = {
+        name: g(name) for name in "data_in pool_hop digest linear bencode".split()
+    }
     out["compute"] = g("compute_cached") if "compute_cached" in rec else g("compute")
     endpoint = g("endpoint")
     out["out_validate"] = _minus(endpoint, out["compute"])
-    out["wall"] = (rec["t_write"] - rec["t_in"]) / 1e6 if "t_write" in rec else None
-    out["send"] = _minus(out["send"], g("write_last"))
-    parts = ("h11_in", "body", "json", "validate", "pool_hop", "runfolder", "encode")
-    out["framework"] = _minus(out["wall"], *(out[n] for n in parts), endpoint)
-    out["framework"] = _minus(out["framework"], out["send"])
+    if "answer" in rec:  # lx: the lean path
+        out["request_in"] = _span(rec, "answer@0", "run@0")
+        out["parse"] = g("bdecode")
+        out["runner"] = _minus(g("run"), endpoint)
+        out["encode"] = _span(rec, "run@1", "answer@1")
+    else:  # stock: tesseract-core's JSON route
+        out["request_in"] = g("body", "json", "validate")
+        out["parse"] = g("json")
+        out["runner"] = g("runfolder")
+        out["encode"] = g("create_response")
+    out["send"] = _minus(g("send"), g("write_last"))
+    out["wall"] = (rec["t_write"] - rec["t_in"]) / 1e6
+    out["framework"] = _minus(out["wall"], *(out[n] for n in _SERVER_PARTS))
     return out
 
 
 def _post(url: str, path: str) -> Any:
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port)
-    conn.request("POST", f"/__profile/{path}", b"")
-    r = conn.getresponse()
-    data = json.loads(r.read())
+    ask, conn = _connection(url)
+    data = json.loads(ask("POST", f"/__profile/{path}", b""))
     conn.close()
     return data
+
+
+def _medians(rows: list[dict]) -> dict[str, float | None]:
+    """Per phase, the median over requests; None if a request lacks it."""
+    out = {}
+    for k in {k for r in rows for k in r}:
+        values = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = _median(values) if len(values) == len(rows) else None
+    return out
 
 
 def measure_phases(kind: str, sides, calls: int) -> dict:
@@ -905,8 +900,7 @@ def measure_phases(kind: str, sides, calls: int) -> dict:
         client = tlx.Client(url)
         for side in sides:
             call = jvp_call(client, side)
-            sizes: dict[str, int] = {}
-            patches = _client_patches(sizes)
+            patches = _client_patches()
             try:
                 for _ in range(WARMUP):
                     call()
@@ -927,18 +921,13 @@ def measure_phases(kind: str, sides, calls: int) -> dict:
                     f"{kind}: {len(records)} client requests, {len(server)} server "
                     "records: cannot pair them"
                 )
-            cl = [client_phases(r, s) for r, s in zip(records, server)]
-            sv = [server_phases(s) for s in server]
-            result["sides"][side] = {
-                "client": _medians(cl),
-                "server": _medians(sv),
-                "sizes": sizes,
-                "protocol": server[0].get("protocol", "?") if server else "?",
-            }
+            cl = _medians([client_phases(r, s) for r, s in zip(records, server)])
+            sv = _medians([server_phases(s) for s in server])
+            result["loop"] = server[0].get("loop", "?")
+            result["sides"][side] = {"client": cl, "server": sv}
             print(
-                f"[{kind} n={side * side}] phases: total "
-                f"{result['sides'][side]['client'].get('total'):.2f} ms, server wall "
-                f"{result['sides'][side]['server'].get('wall'):.2f} ms",
+                f"[{kind} n={side * side}] phases: total {cl['total']:.2f} ms, "
+                f"server wall {sv['wall']:.2f} ms",
                 flush=True,
             )
             if side == PROFILE_SIDE:
@@ -950,24 +939,14 @@ def measure_phases(kind: str, sides, calls: int) -> dict:
     return result
 
 
-def _medians(rows: list[dict]) -> dict[str, float | None]:
-    keys = {k for r in rows for k in r}
-    out = {}
-    for k in keys:
-        values = [r[k] for r in rows if r.get(k) is not None]
-        out[k] = _median(values) if len(values) == len(rows) else None
-    return out
-
-
 def measure_clean(sides, calls: int) -> tuple[dict, dict]:
     """End to end against the real servers and the bare app, no instrumentation: all
     up at once and called in turn, so that a change in the machine's load hits all
     alike. Then the client's cProfile. Returns `(per server, floor)`."""
-    import requests
     import tesseract_lx as tlx
 
-    clean: dict[str, Any] = {kind: {"sides": {}} for kind in SERVERS}
-    floor: dict[str, Any] = {}
+    clean: dict[str, Any] = {kind: {"sides": {}, "bytes": {}} for kind in SERVERS}
+    floor: dict[int, dict] = {}
     with contextlib.ExitStack() as stack:
         clients = {
             kind: stack.enter_context(
@@ -980,47 +959,29 @@ def measure_clean(sides, calls: int) -> tuple[dict, dict]:
             for kind in SERVERS
         }
         raw_url, _ = stack.enter_context(child_server("raw"))
-        parts = urllib.parse.urlsplit(raw_url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port)
-        session = requests.Session()
-        session.headers.update({"Content-Type": "application/json"})
-        no_env = requests.Session()
-        no_env.trust_env = False  # no proxy/netrc/CA lookups in the environment
-
-        def get_requests():
-            return session.get(f"{raw_url}/health", timeout=10).content
-
-        def get_no_env():
-            return no_env.get(f"{raw_url}/health", timeout=10).content
-
-        def get_http_client():
-            conn.request("GET", "/health")
-            return conn.getresponse().read()
-
+        raw, raw_conn = _connection(raw_url)
+        stack.callback(raw_conn.close)
         for side in sides:
             fns: dict[tuple[str, str], Any] = {}
             for kind, client in clients.items():
-                url = client.urls[0]
                 fns[kind, "jvp"] = jvp_call(client, side)
-                for name, fn in bare_calls(client, url, side).items():
-                    fns[kind, name] = fn
-            body = _jvp_body(side)
-            answer = len(fns["lx", "jvp_http_client"]())
-
-            def post_requests(body=body, answer=answer):
-                r = session.post(f"{raw_url}/jvp?size={answer}", data=body, timeout=10)
-                return r.content
-
-            def post_http_client(body=body, answer=answer):
-                headers = {"Content-Type": "application/json"}
-                conn.request("POST", f"/jvp?size={answer}", body, headers)
-                return conn.getresponse().read()
-
-            fns["raw", "post_requests"] = post_requests
-            fns["raw", "post_http_client"] = post_http_client
-            fns["raw", "get_requests"] = get_requests
-            fns["raw", "get_no_env"] = get_no_env
-            fns["raw", "get_http_client"] = get_http_client
+                transport = client._transports[0]
+                assert transport.send("GET", "health").status == 200
+                fns[kind, "health"] = functools.partial(transport.send, "GET", "health")
+                body, headers = _captured(client, fns[kind, "jvp"])
+                ask, conn = _connection(client.urls[0])
+                stack.callback(conn.close)
+                post = functools.partial(
+                    ask, "POST", "/jacobian_vector_product", body, headers
+                )
+                fns[kind, "jvp_http_client"] = post
+                clean[kind]["bytes"][side] = (len(body), len(post()))
+                if kind == "lx":
+                    path = f"/jvp?size={clean[kind]['bytes'][side][1]}"
+                    fns["raw", "post"] = functools.partial(
+                        raw, "POST", path, body, headers
+                    )
+            fns["raw", "get"] = functools.partial(raw, "GET", "/health")
             times = {k: _median(v) for k, v in interleaved(fns, calls).items()}
             for kind in SERVERS:
                 clean[kind]["sides"][side] = {
@@ -1029,14 +990,13 @@ def measure_clean(sides, calls: int) -> tuple[dict, dict]:
             floor[side] = {name: t for (k, name), t in times.items() if k == "raw"}
             print(f"[n={side * side}] clean: {times}", flush=True)
             if side == PROFILE_SIDE:
-                for kind in SERVERS:
+                for kind in ("lx", "stock"):
                     prof = cProfile.Profile()
                     prof.enable()
                     for _ in range(PROFILE_CALLS):
                         fns[kind, "jvp"]()
                     prof.disable()
                     clean[kind]["client_profile"] = top_rows([prof], PROFILE_CALLS)
-        conn.close()
     return clean, floor
 
 
@@ -1044,7 +1004,7 @@ def measure_clean(sides, calls: int) -> tuple[dict, dict]:
 
 
 def _fmt(x: float | None) -> str:
-    return "n/a" if x is None or x != x else f"{x:.3f}"
+    return "–" if x is None or x != x else f"{x:.3f}"
 
 
 def _columns(sides) -> list[tuple[str, int]]:
@@ -1059,10 +1019,12 @@ def _head(sides, first: str) -> list[str]:
     ]
 
 
-def _table(rows, data, part: str, sides) -> str:
-    lines = _head(sides, "phase [median ms]")
+def _table(rows, cell, sides, first: str = "phase [median ms]") -> str:
+    """One line per `(label, key)` of `rows`, a cell `cell(kind, side, key)` per
+    column."""
+    lines = _head(sides, first)
     for label, key in rows:
-        cells = [_fmt(data[k]["sides"][s][part].get(key)) for k, s in _columns(sides)]
+        cells = [cell(k, s, key) for k, s in _columns(sides)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1106,16 +1068,11 @@ def _commit() -> str:
 
 
 def _versions() -> str:
-    import equinox
-    import jax
-    import requests
-    import tesseract_core
+    from importlib.metadata import version
 
-    return (
-        f"Python {platform.python_version()}, jax {jax.__version__}, "
-        f"tesseract-core {tesseract_core.__version__}, equinox {equinox.__version__}, "
-        f"requests {requests.__version__}"
-    )
+    names = "jax tesseract-core equinox fastapi starlette uvicorn httptools uvloop "
+    names += "pydantic orjson"
+    return ", ".join(f"{n} {version(n)}" for n in names.split())
 
 
 def _kept_conclusions(out: Path) -> str:
@@ -1132,19 +1089,20 @@ def _kept_conclusions(out: Path) -> str:
 
 
 def report(clean, phases, floor, sides, calls, started, out: Path, load) -> str:
-    import fastapi
-    import orjson
-    import pybase64
-    import pydantic
-    import starlette
-    import urllib3
-    import uvicorn
-
-    protocol = phases["lx"]["sides"][sides[0]].get("protocol", "?")
-    sizes = {s: phases["lx"]["sides"][s]["sizes"] for s in sides}
     missing = sorted(
         set(MISSING + [m for k in SERVERS for m in phases[k]["server_missing"]])
     )
+
+    def wire(kind: str) -> str:
+        return ", ".join(
+            f"n={s * s}: {clean[kind]['bytes'][s][0]} / {clean[kind]['bytes'][s][1]}"
+            for s in sides
+        )
+
+    def e2e(kind: str, side: int, key: str) -> str:
+        t = clean[kind]["sides"][side]
+        return f"{t['jvp'] / t['health']:.1f}x" if key == "ratio" else _fmt(t[key])
+
     lines = [
         "# Where the time of one JVP request goes (bratu)",
         "",
@@ -1154,87 +1112,76 @@ def report(clean, phases, floor, sides, calls, started, out: Path, load) -> str:
         "HTTP, 1 server worker, client and server on the same cores. Load average "
         f"(1 min) {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
         "",
-        f"Code: `{_commit()}`. {_versions()}, fastapi {fastapi.__version__}, "
-        f"starlette {starlette.__version__}, uvicorn {uvicorn.__version__} "
-        f"({protocol}), pydantic {pydantic.__version__}, urllib3 {urllib3.__version__}, "
-        f"orjson {orjson.__version__}, pybase64 {pybase64.__version__}.",
+        f"Code measured: `{_commit()}`. Python {platform.python_version()}, "
+        f"{_versions()}; uvicorn ran httptools on {phases['lx']['loop']}.",
         "",
         "Call: `jax.jit(lambda u, t: jax.jvp(g, (u,), (t,))[1])(u, t)"
         ".block_until_ready()`, `g = u -> tlx.TesseractModule(client)({'u': u, "
         "'k': k, 'f': f})['residual']`: one `/jacobian_vector_product` per call. "
         f"Medians of {calls} calls after {WARMUP} warm-up calls. Servers: `lx` = "
-        "`tesseract-lx serve` (linearisation cache on, every timed request a hit), "
-        "`lx-nocache` = the same with `cache=False`, `stock` = `tesseract-runtime "
-        "serve`. Method: see the script's docstring.",
+        "`tesseract-lx serve` (linearisation cache on, every timed request a hit; "
+        "binary bodies, the lean path), `lx-nocache` = the same with `cache=False`, "
+        "`stock` = `tesseract-runtime serve` (JSON with base64 arrays). Method: see "
+        "the script's docstring.",
         "",
-        "Bytes on the wire per JVP (request body / response body): "
-        + ", ".join(
-            f"n={s * s}: {sizes[s].get('request_bytes', '?')} / "
-            f"{sizes[s].get('response_bytes', '?')}"
-            for s in sides
-        )
-        + ".",
+        f"Bytes on the wire per JVP (request body / response body): lx (binary) "
+        f"{wire('lx')}; stock (JSON) {wire('stock')}.",
         "",
         "## End to end, no instrumentation",
         "",
-        *_head(sides, "median ms"),
-    ]
-    for label, key in (
-        ("**one JVP call** (module, jit)", "jvp"),
-        ("`GET /health`, client's `requests` session", "health_requests"),
-        ("`GET /health`, `http.client`", "health_http_client"),
-        (
-            "the JVP's bytes posted by `http.client` (no JAX, no client)",
-            "jvp_http_client",
+        _table(
+            (
+                ("**one JVP call** (module, jit)", "jvp"),
+                ("`GET /health` through the client's `HTTPTransport`", "health"),
+                (
+                    "the JVP's bytes posted by bare `http.client` (no JAX, no client)",
+                    "jvp_http_client",
+                ),
+                ("JVP / `GET /health`", "ratio"),
+            ),
+            e2e,
+            sides,
+            "median ms",
         ),
-    ):
-        cells = [_fmt(clean[k]["sides"][s][key]) for k, s in _columns(sides)]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for how in ("requests", "http_client"):
-        ratio = [
-            f"{clean[k]['sides'][s]['jvp'] / clean[k]['sides'][s]['health_' + how]:.1f}x"
-            for k, s in _columns(sides)
-        ]
-        label = how.replace("_", ".")
-        lines.append(f"| JVP / `GET /health` ({label}) | " + " | ".join(ratio) + " |")
-    lines += [
         "",
         "The floor: a bare ASGI app (no FastAPI/starlette) under the same uvicorn, "
-        "median ms:",
+        "through bare `http.client`, median ms:",
         "",
-        "| request | `requests` session | `http.client` |",
-        "|---|---:|---:|",
-    ]
-    for s in sides:
-        f = floor[s]
-        lines += [
-            f"| `GET` (15-byte answer), during n={s * s} | {_fmt(f['get_requests'])} "
-            f"| {_fmt(f['get_http_client'])} |",
-            f"| `GET`, session with `trust_env = False`, during n={s * s} | "
-            f"{_fmt(f['get_no_env'])} | |",
-            f"| `POST` of a JVP's bytes each way, n={s * s} | "
-            f"{_fmt(f['post_requests'])} | {_fmt(f['post_http_client'])} |",
-        ]
-    lines += [
+        "| request | " + " | ".join(f"n={s * s}" for s in sides) + " |",
+        "|---" + "|---:" * len(sides) + "|",
+        "| `GET` (15-byte answer) | "
+        + " | ".join(_fmt(floor[s]["get"]) for s in sides)
+        + " |",
+        "| `POST` of lx's JVP bytes, as many bytes back | "
+        + " | ".join(_fmt(floor[s]["post"]) for s in sides)
+        + " |",
         "",
         "## Client side, per phase (instrumented)",
         "",
         "Rows are medians of per-request values, so they need not add up to the "
-        "total exactly. `n/a`: the function timed is not there (any more). A second "
-        "pass, against one instrumented server at a time: its total is not the clean "
-        "run's (another moment, one server up instead of four).",
+        "total exactly. `–`: not on this server's path. A second pass, against one "
+        "instrumented server at a time: its total is not the clean run's (another "
+        "moment, one server up instead of four).",
         "",
-        _table(CLIENT_ROWS, phases, "client", sides),
+        _table(
+            CLIENT_ROWS,
+            lambda k, s, key: _fmt(phases[k]["sides"][s]["client"][key]),
+            sides,
+        ),
         "",
         "## Server side, per phase (instrumented replica)",
         "",
-        _table(SERVER_ROWS, phases, "server", sides),
+        _table(
+            SERVER_ROWS,
+            lambda k, s, key: _fmt(phases[k]["sides"][s]["server"][key]),
+            sides,
+        ),
         "",
         f"## cProfile, {PROFILE_CALLS} requests at n={PROFILE_SIDE**2}, top 15 by "
         "cumulative time",
         "",
         "Per request, under cProfile (which roughly doubles Python-heavy times). "
-        "Frames that only wait (epoll, locks, `run_forever`) are left out; a callee "
+        "Frames that only wait (locks, the worker threads' loop) are left out; a callee "
         "within 3% of its caller's cumulative time is folded into its row.",
     ]
     for kind in ("lx", "stock"):
@@ -1242,7 +1189,7 @@ def report(clean, phases, floor, sides, calls, started, out: Path, load) -> str:
             "",
             f"### Client, against `{kind}` (main thread; the callback runs in it)",
             "",
-            _profile_table(clean[kind].get("client_profile", [])),
+            _profile_table(clean[kind]["client_profile"]),
         ]
     for kind in SERVERS:
         lines += [
@@ -1251,13 +1198,7 @@ def report(clean, phases, floor, sides, calls, started, out: Path, load) -> str:
             "",
             _profile_table(phases[kind].get("server_profile", [])),
         ]
-    lines += [
-        "",
-        "## Conclusions",
-        "",
-        _kept_conclusions(out),
-        "",
-    ]
+    lines += ["", "## Conclusions", "", _kept_conclusions(out), ""]
     if missing:
         lines += [f"Not timed (not found): {', '.join(f'`{m}`' for m in missing)}.", ""]
     return "\n".join(lines)
@@ -1287,26 +1228,6 @@ def main() -> None:
     text = report(clean, phases, floor, sides, opts.calls, started, opts.out, load)
     opts.out.write_text(text)
     print("\n" + text, flush=True)
-
-
-def _jvp_body(side: int) -> bytes:
-    """The bytes of a JVP request as the client encodes them (for the floor)."""
-    import numpy as np
-    import orjson
-    from tesseract_lx._wire.encoding import encode_tree
-
-    rng = np.random.default_rng(0)
-    payload = {
-        "inputs": {
-            "u": 0.1 * rng.standard_normal((side, side)),
-            "k": np.asarray(1.0),
-            "f": np.ones((side, side)),
-        },
-        "jvp_inputs": ["u"],
-        "jvp_outputs": ["residual"],
-        "tangent_vector": {"u": rng.standard_normal((side, side))},
-    }
-    return orjson.dumps(encode_tree(payload), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 if __name__ == "__main__":

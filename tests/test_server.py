@@ -589,7 +589,9 @@ def test_vmap_that_does_not_trace_falls_back_to_loop_for_good():
     module = load_module_from_path(_api("numpy_loop"))
     module.jax = jax  # looks like JAX code: tracing is tried, and fails (NumPy)
     app = create_app(module)
-    assert set(_modes(app).values()) == {"vmap"}
+    modes = _modes(app)
+    assert modes.pop("linear_solve") == "linearise"
+    assert set(modes.values()) == {"vmap"}
     rng = np.random.default_rng(0)
     points = [_point("numpy_loop", rng) for _ in range(2)]
     status, outs = _asgi(app, "POST", "/batched_apply", {"inputs": points})
@@ -607,9 +609,27 @@ def test_vmap_that_does_not_trace_falls_back_to_loop_for_good():
     assert status == 200
     want = ref_jvps("numpy_loop", inputs, ["x"], ["y", "s"], tangents)
     assert_tree_close(got, want)
+    # `/linear_solve` falls back to the JVP function in process, for good too.
+    b = rng.normal(size=(2, 5))
+    status, got = _asgi(
+        app,
+        "POST",
+        "/linear_solve",
+        {
+            "inputs": inputs,
+            "jvp_inputs": ["x"],
+            "jvp_outputs": ["y"],
+            "rhs": {"y": b},
+            "solver": {"name": "GMRES", "rtol": 1e-12, "atol": 1e-12},
+        },
+    )
+    assert status == 200
+    diag = inputs["a"] * np.cos(inputs["x"])  # y = a sin(x)
+    np.testing.assert_allclose(got["solution"]["x"], b / diag, rtol=1e-10)
     info = app.state.tesseract_lx.info()
     assert info["batched"]["batched_apply"] == "loop"
     assert info["batched"]["batched_jacobian_vector_product"] == "loop"
+    assert info["batched"]["linear_solve"] == "function"
     assert info["linearisation_cache"]["fallbacks"] >= 1
 
 

@@ -40,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tesseract_core.runtime import Array
 from tesseract_core.runtime.tree_transforms import get_at_path
 
 from .._wire import solvers
@@ -102,7 +103,9 @@ def _models(StockJVP: type) -> type:
 
 
 class LinearSolveOutputSchema(BaseModel):
-    solution: dict[str, Any] = Field(..., description="`{path: (K, *shape)}`.")
+    solution: dict[str, Array[..., None]] = Field(  # pyright: ignore[reportInvalidTypeForm]
+        ..., description="`{path: (K, *shape)}`."
+    )
     num_steps: list[int] = Field(..., description="Solver steps, per right-hand side.")
     result: list[str] = Field(
         ..., description="lineax's `RESULTS` name, per right-hand side."
@@ -185,14 +188,15 @@ def linear_solve_endpoint(
                 )
         assert k is not None
         check_batch(k, state.max_batch, "rhs")
-        if mode == "function" and payload.solver.name in ("LSMR", "Normal"):
+        live = state.modes.get(LINEAR_SOLVE, mode)
+        if live == "function" and payload.solver.name in ("LSMR", "Normal"):
             raise _error(
                 ("solver", "name"),
                 f"{payload.solver.name} needs the transpose of the Jacobian inside the "
                 "solve, which only a JAX Tesseract served with the linearisation cache "
                 "gives here; use GMRES, BiCGStab or CG.",
             )
-        if mode == "function" and payload.transpose and vjp_fn is None:
+        if live == "function" and payload.transpose and vjp_fn is None:
             raise _error(
                 ("transpose",),
                 "a transposed solve needs the Tesseract's `vector_jacobian_product`, "
@@ -318,15 +322,21 @@ def linear_solve_endpoint(
         ins, _ = structures(payload)
         rhs = {p: np.asarray(x) for p, x in payload.rhs.items()}
         out = None
-        if mode == "linearise":
+        if state.modes[LINEAR_SOLVE] == "linearise":
             out = linearised(payload, solver, ins, rhs)
+            if out is None:
+                # It does not trace: its functions in process from now on, as the
+                # batched endpoints loop (and `x-tesseract-lx` says so).
+                state.modes[LINEAR_SOLVE] = "function"
         if out is None:
             out = by_function(payload, solver, ins, rhs)
         value, result, steps = out
-        return LinearSolveOutputSchema(
-            solution={p: np.asarray(v) for p, v in value.items()},
-            num_steps=[int(s) for s in np.asarray(steps).reshape(-1)],
-            result=[names[int(r)] for r in np.asarray(result).reshape(-1)],
+        return LinearSolveOutputSchema.model_validate(
+            {
+                "solution": {p: np.asarray(v) for p, v in value.items()},
+                "num_steps": [int(s) for s in np.asarray(steps).reshape(-1)],
+                "result": [names[int(r)] for r in np.asarray(result).reshape(-1)],
+            }
         )
 
     linear_solve.__name__ = linear_solve.__qualname__ = LINEAR_SOLVE
