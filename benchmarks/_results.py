@@ -396,7 +396,7 @@ def write_results(rows: list[dict], meta: dict, out: Path, *, profile: Path) -> 
         "Contenders: tesseract_lx (`TesseractModule(client, batching=...)` on "
         "`tesseract-lx serve`), tesseract-jax (`apply_tesseract` on a "
         "`Tesseract.from_url` to a stock `tesseract-runtime serve`), pure JAX (the "
-        "same maths in process). Median of the timed calls after one warm-up call, "
+        "same maths in process). Median of the timed calls after warm-up (one call; up to three while under a second), "
         "all jitted, float64. vs tesseract-jax: the fastest tesseract-jax setting "
         "that works on that case over the row's time; vs pure JAX: the row's time over "
         "pure JAX's. The first setting of tesseract_lx (`tlx.Auto()`) is the one in "

@@ -6,14 +6,17 @@ Both servers are `tesseract-lx serve` (1 worker, free 127.0.0.1 port) of
 `examples/tesseracts/heavy` at N = 16 (n = 256); `optx.Newton(rtol=atol=1e-8)` from
 u = 0 on `tlx.residual_fn`, jitted, with `lx.GMRES(rtol=atol=1e-8)` locally (one JVP
 request per iteration, each a cache hit but the first of a step) and with
-`tlx.OnServer(lx.GMRES(...))` (one `/linear_solve` per step). Median wall time of 3
-runs after a warm-up run; the server's cache counters after them. Writes
+`tlx.OnServer(lx.GMRES(...))` (one `/linear_solve` per step). Both servers run at
+once and the four set-ups take turns, 5 runs each after a warm-up run; the median
+wall time, and the server's cache counters after them. Writes
 `benchmarks/linearisation.md` (or `--out DIR`).
 
     .venv/bin/python benchmarks/linearisation.py
 """
 
 import argparse
+import collections
+import contextlib
 import os
 import statistics
 import sys
@@ -35,41 +38,55 @@ from _report import log, machine, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ROOT / "examples" / "tesseracts" / "heavy" / "tesseract_api.py"
-N, TOL, RUNS = 16, 1e-8, 3
+N, TOL, RUNS = 16, 1e-8, 5
 
 
-def measure(jit: bool) -> list[dict]:
-    os.environ["TESSERACT_LX_CACHE_JIT"] = "1" if jit else "0"
+def measure() -> list[dict]:
+    """Both servers up at once, their runs interleaved (A B A B ...), so that the
+    machine's load weighs on both alike."""
     point = INPUTS["heavy"](N)
     u0, args = jnp.zeros_like(point["u"]), {"k": point["k"], "f": point["f"]}
-    rows = []
-    with tlx.serve(HEAVY) as client:
-        f = tlx.TesseractModule(client)
-        f({**args, "u": u0})  # learns the output shapes
-        fn = tlx.residual_fn(f, wrt="u", of="residual")
-        krylov = lx.GMRES(rtol=TOL, atol=TOL)
-        for name, linear_solver in (
-            ("lx.GMRES", krylov),
-            ("tlx.OnServer(lx.GMRES)", tlx.OnServer(krylov)),
-        ):
-            newton = optx.Newton(rtol=TOL, atol=TOL, linear_solver=linear_solver)
-            solve = jax.jit(lambda u, a: optx.root_find(fn, newton, u, a))
-            jax.block_until_ready(solve(u0, args).value)  # compiles, both ends
-            client.stats.clear()
-            times = []
-            for _ in range(RUNS):
+    krylov = lx.GMRES(rtol=TOL, atol=TOL)
+    solvers = {"lx.GMRES": krylov, "tlx.OnServer(lx.GMRES)": tlx.OnServer(krylov)}
+    with contextlib.ExitStack() as stack:
+        jobs = []
+        for jit in (True, False):
+            os.environ["TESSERACT_LX_CACHE_JIT"] = "1" if jit else "0"
+            client = stack.enter_context(tlx.serve(HEAVY))
+            f = tlx.TesseractModule(client)
+            f({**args, "u": u0})  # learns the output shapes
+            fn = tlx.residual_fn(f, wrt="u", of="residual")
+            for name, linear_solver in solvers.items():
+                newton = optx.Newton(rtol=TOL, atol=TOL, linear_solver=linear_solver)
+                solve = jax.jit(
+                    lambda u, a, fn=fn, newton=newton: optx.root_find(fn, newton, u, a)
+                )
+                jax.block_until_ready(solve(u0, args).value)  # compiles, both ends
+                jobs.append(
+                    {"jit": jit, "solver": name, "client": client, "solve": solve}
+                )
+        os.environ.pop("TESSERACT_LX_CACHE_JIT")
+        times: dict[int, list[float]] = {i: [] for i in range(len(jobs))}
+        sent: dict[int, collections.Counter] = {}
+        for _ in range(RUNS):
+            for i, job in enumerate(jobs):
+                job["client"].stats.clear()
                 start = time.perf_counter()
-                sol = solve(u0, args)
+                sol = job["solve"](u0, args)
                 jax.block_until_ready(sol.value)
-                times.append(time.perf_counter() - start)
-            cache = client.health()["tesseract_lx"]["linearisation_cache"]
+                times[i].append(time.perf_counter() - start)
+                sent[i] = collections.Counter(job["client"].stats)
+                job["steps"] = int(sol.stats["num_steps"])
+        rows = []
+        for i, job in enumerate(jobs):
+            cache = job["client"].health()["tesseract_lx"]["linearisation_cache"]
             rows.append(
                 {
-                    "jit": jit,
-                    "solver": name,
-                    "median": statistics.median(times),
-                    "steps": int(sol.stats["num_steps"]),
-                    "requests": {k: v // RUNS for k, v in client.stats.items()},
+                    "jit": job["jit"],
+                    "solver": job["solver"],
+                    "median": statistics.median(times[i]),
+                    "steps": job["steps"],
+                    "requests": dict(sent[i]),
                     "compiles": cache["compiles"],
                 }
             )
@@ -81,7 +98,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     opts = parser.parse_args(argv)
-    rows = measure(True) + measure(False)
+    rows = measure()
     lines = [
         "# The server's linearisation, compiled once or traced at every point",
         "",

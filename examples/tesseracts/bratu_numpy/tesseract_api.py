@@ -67,3 +67,8 @@ def vector_jacobian_product(
         "f": -ct,
     }
     return {p: out[p] for p in vjp_inputs}
+
+
+def abstract_eval(abstract_inputs):
+    """The residual has the shape of `u`."""
+    return {"residual": {"shape": tuple(abstract_inputs.u.shape), "dtype": "float64"}}
