@@ -29,6 +29,7 @@ from ._operator import (
     TesseractLinearOperator as TesseractLinearOperator,
 )
 from ._optimistix import residual_fn as residual_fn, ResidualFn as ResidualFn
+from ._progress import progress as progress
 from ._serve import serve as serve
 
 

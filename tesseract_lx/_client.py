@@ -30,6 +30,7 @@ import orjson
 
 from ._errors import from_response, TesseractError, TesseractServerError
 from ._latency import Latencies
+from ._progress import Activity
 from ._transport import (
     ASGITransport,
     HTTPTransport,
@@ -127,6 +128,8 @@ class Client:
         self._secrets = secrets
         self._workers = workers
         self.stats: collections.Counter[str] = collections.Counter()
+        # Requests in flight, their times and bytes: what `tlx.progress` shows.
+        self.activity = Activity()
         self.latency = Latencies()
         # What the `Auto` rule decided lately, and why (`tesseract_lx.Decision`).
         self.decisions: collections.deque = collections.deque(maxlen=100)
@@ -326,13 +329,17 @@ class Client:
             body = orjson.dumps(encode_tree(payload), option=orjson.OPT_SERIALIZE_NUMPY)
         with self._lock:
             self.stats[endpoint] += 1
-        start = time.perf_counter()
+        start = self.activity.started(endpoint, len(body))
+        received = 0
         try:
             response = transport.send("POST", endpoint, body, headers)
+            received = len(response.content)
             result = self._decode(endpoint, response, transport.url, decode_tree)
         except TesseractError as e:
             self.last_error = e
             raise
+        finally:
+            self.activity.finished(endpoint, start, received)
         self.latency.record(endpoint, size, k, time.perf_counter() - start)
         return result
 
