@@ -248,3 +248,18 @@ def test_bad_solve_requests_get_422_naming_the_field(bratu, transport):
     np.testing.assert_array_equal(
         decode_tree(r.json())["solution"]["u"], answer["solution"]["u"]
     )
+
+
+@pytest.mark.parametrize("transport", ["tlx"])
+def test_two_operators_of_the_same_shapes(bratu, transport):
+    """`d residual / d u` and `d residual / d f` at one point have the same shapes:
+    the server compiles a solve per signature, and the paths are part of it."""
+    f = tlx.TesseractModule(bratu)
+    inputs = bratu_inputs(N)
+    b = _rhs((N, N))
+    solver = tlx.OnServer(lx.GMRES(**TOL))
+    for wrt in ("u", "f"):
+        J = tlx.TesseractJacobianOperator(f, inputs, wrt=wrt, of="residual")
+        M = _jacobian(bratu_ref, inputs, wrt, "residual")
+        x = lx.linear_solve(J, b, solver).value
+        np.testing.assert_allclose(x.reshape(-1), jnp.linalg.solve(M, b.reshape(-1)))

@@ -186,7 +186,8 @@ def linear_solve_endpoint(
                     f"`rhs.{p}` has shape {tuple(shape)}; expected (K, "
                     f"*{domain[p].shape}).",
                 )
-        assert k is not None
+        if k is None:
+            raise _error(("rhs",), "`rhs` holds no right-hand side.")
         check_batch(k, state.max_batch, "rhs")
         live = state.modes.get(LINEAR_SOLVE, mode)
         if live == "function" and payload.solver.name in ("LSMR", "Normal"):
@@ -255,7 +256,11 @@ def linear_solve_endpoint(
 
         if not lin.jitted:  # a new map per point: nothing to compile once
             return solve(lin.partial, rhs)
-        key = ("linearise", tuple(sorted(ins.items())), transpose, tags, repr(solver))
+        # Everything the jitted function closes over (the map's own structure, from
+        # the compiled linearisation, is an argument: jit keys on it itself).
+        paths_ = (tuple(payload.jvp_inputs), tuple(payload.jvp_outputs))
+        key = ("linearise", paths_, tuple(sorted(ins.items())), transpose, tags)
+        key = (*key, repr(solver))
         run = compiled.get(key)
         if run is None:
             run = compiled[key] = jax.jit(solve)
@@ -290,7 +295,8 @@ def linear_solve_endpoint(
             else:
                 call, src, dst = host(jvp_fn, fwd_in, fwd_out, fwd_out), ins, outs
             tags = tuple(payload.tags)
-            key = ("function", tuple(sorted(src.items())), payload.transpose, tags)
+            shapes = (tuple(sorted(src.items())), tuple(sorted(dst.items())))
+            key = ("function", fwd_in, fwd_out, shapes, payload.transpose, tags)
             key = (*key, repr(solver))
             run = compiled.get(key)
             if run is None:
