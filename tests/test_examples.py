@@ -51,3 +51,48 @@ def test_calibrate(tmp_path):
     assert re.search(r"requests: \d+ \{", out), out
     rel = float(re.search(r"relative difference: (\S+)", out).group(1))
     assert rel < 1e-6, out
+
+
+def _rows(out: str) -> dict[str, tuple[float, str]]:
+    """`poisson_solve.py`'s table: solve -> (max abs err, requests)."""
+    found = re.findall(r"^(\S.*?)\s+(\S+e[-+]\d+)\s+\S+ ms\s+(\{.*\})$", out, re.M)
+    return {name: (float(err), sent) for name, err, sent in found}
+
+
+def test_poisson_solve(tmp_path):
+    out = run("poisson_solve.py", "--n", "6", "--k", "3", cwd=tmp_path)
+    rows = _rows(out)
+    assert len(rows) == 4, out
+    assert all(err < 1e-8 for err, _ in rows.values()), out
+    assert rows["LU, one right-hand side"][1] == "{'jacobian': 1}", out
+    assert rows["OnServer(CG), vmap over 3"][1] == "{'linear_solve': 1}", out
+    # CG: one `/apply` per iteration; under vmap the 3 mat-vecs of an iteration go
+    # in one `/batched_apply` (a mat-vec all 3 share, of the start, in one `/apply`).
+    single, batch = rows["CG, one right-hand side"][1], rows["CG, vmap over 3"][1]
+    assert re.fullmatch(r"\{'apply': \d+\}", single), out
+    assert re.fullmatch(r"\{('apply': 1, )?'batched_apply': \d+\}", batch), out
+
+
+def test_two_tesseracts(tmp_path):
+    out = run("two_tesseracts.py", "--n", "6", cwd=tmp_path)
+    diffs = [float(d) for d in re.findall(r"from pure JAX (\S+)", out)]
+    assert len(diffs) == 2 and max(diffs) < 1e-9, out
+    requests = re.findall(r"requests: poisson (\{.*\}), bratu (\{.*\})", out)
+    # The gradient: each Tesseract's `/apply` (the forward pass) and one VJP.
+    assert requests[0] == (
+        "{'apply': 1, 'vector_jacobian_product': 1}",
+        "{'apply': 1, 'vector_jacobian_product': 1}",
+    ), out
+
+
+def test_train_mlp(tmp_path):
+    png = tmp_path / "loss.png"
+    out = run(
+        "train_mlp.py", "--n", "6", "--steps", "20", "--png", str(png), cwd=tmp_path
+    )
+    first, last = map(float, re.search(r"loss (\S+) -> (\S+) in", out).groups())
+    assert last < first, out
+    assert float(re.search(r"from pure JAX: (\S+)", out).group(1)) < 1e-8, out
+    # Every step: the residual (`/apply`) and its VJP w.r.t. the source field.
+    assert "requests per step: 2\n" in out, out
+    assert png.stat().st_size > 0
