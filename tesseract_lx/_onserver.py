@@ -1,11 +1,13 @@
 """`OnServer`: a lineax solver whose Krylov loop runs next to the Tesseract.
 
 `tlx.OnServer(lx.GMRES(rtol=1e-8, atol=1e-8))` is an `lx.AbstractLinearSolver`.
-Given a `TesseractJacobianOperator` (or its transpose) on a server that offers
-`POST /linear_solve`, `compute` is one request, whatever the number of iterations,
-and a `jax.vmap` over right-hand sides is still one request. Anywhere else (another
-operator, a stock server) it runs the wrapped solver locally: the same numbers, one
-request per mat-vec, and `client.decisions` says so.
+Given a `TesseractJacobianOperator` (or its transpose), or a lineax operator whose map
+is one Tesseract JVP (optimistix's Newton and ImplicitAdjoint build those from a
+`tlx.residual_fn`), on a server that offers `POST /linear_solve`, `compute` is one
+request, whatever the number of iterations, and a `jax.vmap` over right-hand sides is
+still one request. Anywhere else (another operator, a stock server) it runs the
+wrapped solver locally: the same numbers, one request per mat-vec, and (for a
+Tesseract operator) `client.decisions` says so.
 
 `transpose` gives the transposed solve on the server, so `jax.grad` and `jax.jvp`
 through `lx.linear_solve` cost one more solve request, not one per iteration.
