@@ -68,9 +68,12 @@ def residual_fn(
         ```
 
     With `optx.Newton` and its default LU solver a step costs 2 requests: one
-    `/apply` and one materialising request (batched JVP of the identity, or
-    `/jacobian`). With `linear_solver=lx.GMRES(...)`, one JVP per Krylov iteration.
-    Gradients of the solution through `optx.ImplicitAdjoint` cost VJP requests.
+    `/apply` and one materialising request (`/jacobian`; a batched JVP of the
+    identity for a Tesseract without one). With `linear_solver=lx.GMRES(...)`, one
+    JVP per Krylov iteration; with `linear_solver=tlx.OnServer(lx.GMRES(...))`, one
+    `/linear_solve` per step. Gradients of the solution through
+    `optx.ImplicitAdjoint` cost VJP requests (or one solve request with
+    `ImplicitAdjoint(linear_solver=tlx.OnServer(...))`).
     """
     if not isinstance(f, TesseractModule):
         raise TypeError(f"`f` must be a `TesseractModule`, got {type(f).__name__}.")
