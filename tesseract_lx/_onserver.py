@@ -25,7 +25,7 @@ import lineax as lx
 import numpy as np
 
 from ._batching import Decision
-from ._operator import TesseractJacobianOperator
+from ._operator import pack, TesseractJacobianOperator, unpack
 from ._primitive import jvp_p, vjp_p
 from ._wire import solvers
 from ._wire.spec import LINEAR_SOLVE
@@ -217,15 +217,6 @@ def _client(operator: Any) -> Any:
     return None
 
 
-def _pack(paths_: tuple, leaves: list) -> Any:
-    return leaves[0] if len(paths_) == 1 else dict(zip(paths_, leaves))
-
-
-def _unpack(paths_: tuple, tree: Any, structs: tuple) -> list:
-    leaves = [tree] if len(paths_) == 1 else [tree[p] for p in paths_]
-    return [jnp.asarray(x, s.dtype) for x, s in zip(leaves, structs)]
-
-
 def _solve(target: _Target, vector: Any, solver: Any):
     """One `/linear_solve` request: `(solution, result, stats)` as lineax wants."""
     call, operands = target.call, target.operands
@@ -237,7 +228,7 @@ def _solve(target: _Target, vector: Any, solver: Any):
     else:
         rhs_paths, sol_paths = target.of, target.wrt
         rhs_structs, sol_structs = outs, ins
-    rhs = _unpack(rhs_paths, vector, rhs_structs)
+    rhs = unpack(rhs_paths, vector, rhs_structs)
     spec = solvers.to_spec(solver)
     tags = sorted(name for tag, name in _TAGS.items() if tag in target.tags)
     n_operands = len(operands)
@@ -272,5 +263,5 @@ def _solve(target: _Target, vector: Any, solver: Any):
     for i, name in enumerate(solvers.RESULTS_NAMES):
         item = getattr(lx.RESULTS, name)
         result = lx.RESULTS.where(code == i, item, result)
-    value = _pack(sol_paths, list(solution))
+    value = pack(sol_paths, list(solution))
     return value, result, {"num_steps": steps}

@@ -40,6 +40,24 @@ def as_paths(name: str, value: str | tuple[str, ...]) -> tuple[str, ...]:
     )
 
 
+def pack(paths: tuple[str, ...], leaves: list) -> PyTree:
+    """An operator's vector from its leaves: the bare array for one path, else a dict
+    keyed by path."""
+    return leaves[0] if len(paths) == 1 else dict(zip(paths, leaves))
+
+
+def unpack(paths: tuple[str, ...], tree: PyTree, structure) -> list:
+    """The leaves of an operator's vector, in `structure`'s dtypes; a `ValueError`
+    naming the path for a leaf of the wrong shape."""
+    leaves = [tree] if len(paths) == 1 else [tree[p] for p in paths]
+    for p, x, s in zip(paths, leaves, structure):
+        if jnp.shape(x) != s.shape:
+            raise ValueError(
+                f"The vector for `{p}` must have shape {s.shape}, got {jnp.shape(x)}."
+            )
+    return [jnp.asarray(x, s.dtype) for x, s in zip(leaves, structure)]
+
+
 def _index(kind: str, wanted: tuple[str, ...], known: tuple[str, ...], diff) -> tuple:
     out = []
     for p in wanted:
@@ -93,17 +111,10 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
         return call, operands, wrt, of
 
     def _pack(self, paths, leaves) -> PyTree:
-        return leaves[0] if len(paths) == 1 else dict(zip(paths, leaves))
+        return pack(paths, leaves)
 
     def _unpack(self, paths, tree, structure) -> list:
-        leaves = [tree] if len(paths) == 1 else [tree[p] for p in paths]
-        for p, x, s in zip(paths, leaves, structure):
-            if jnp.shape(x) != s.shape:
-                raise ValueError(
-                    f"The vector for `{p}` must have shape {s.shape}, got "
-                    f"{jnp.shape(x)}."
-                )
-        return [jnp.asarray(x, s.dtype) for x, s in zip(leaves, structure)]
+        return unpack(paths, tree, structure)
 
     def in_structure(self):
         ins, outs = self._structure

@@ -65,7 +65,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
 
 from . import trees
 
@@ -141,40 +140,18 @@ class CacheSettings:
         }
 
 
-def _leaves(tree: Any) -> Iterable[Any]:
-    if isinstance(tree, BaseModel):
-        tree = tree.model_dump()
-    if isinstance(tree, dict):
-        for k in sorted(tree, key=str):
-            yield ("k", str(k))
-            yield from _leaves(tree[k])
-    elif isinstance(tree, list | tuple):
-        yield ("seq", type(tree).__name__, len(tree))
-        for v in tree:
-            yield from _leaves(v)
-    else:
-        yield tree
-
-
 def primal_digest(inputs: Any) -> str:
-    """A digest of a primal point: exact bytes, shapes and dtypes of every array leaf,
-    and the type and value of every other leaf.
+    """A digest of a primal point (a model, or a tree of dicts and lists): exact
+    bytes, shapes and dtypes of every array leaf, and the type and `repr` of every
+    other leaf.
 
     Never float equality: `0.0` and `-0.0` differ, a NaN equals itself.
     """
-    h = hashlib.blake2b(digest_size=20)
-    for leaf in _leaves(inputs):
-        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            arr = np.ascontiguousarray(np.asarray(leaf)).reshape(np.shape(leaf))
-            h.update(repr(("a", arr.shape, arr.dtype.str)).encode())
-            h.update(arr.tobytes())
-        else:
-            h.update(repr(("v", type(leaf).__name__, leaf)).encode())
-    return h.hexdigest()
+    return _digest(*trees.flatten(inputs))
 
 
 def _digest(skeleton: Any, arrays: dict) -> str:
-    """`primal_digest` of a point split by `trees.flatten` (no model dump)."""
+    """`primal_digest` of a point already split by `trees.flatten`."""
     h = hashlib.blake2b(repr(trees.key(skeleton)).encode(), digest_size=20)
     for arr in arrays.values():
         h.update(np.ascontiguousarray(arr).data)

@@ -140,7 +140,6 @@ def linear_solve_endpoint(
         jax.config.update("jax_enable_x64", True)
 
     Payload = _models(stock[JVP].__annotations__["payload"])
-    mode = solve_mode(api_module, state)
     jvp_fn = getattr(api_module, JVP)
     vjp_fn = getattr(api_module, VJP, None)
 
@@ -189,7 +188,7 @@ def linear_solve_endpoint(
         if k is None:
             raise _error(("rhs",), "`rhs` holds no right-hand side.")
         check_batch(k, state.max_batch, "rhs")
-        live = state.modes.get(LINEAR_SOLVE, mode)
+        live = state.modes[LINEAR_SOLVE]
         if live == "function" and payload.solver.name in ("LSMR", "Normal"):
             raise _error(
                 ("solver", "name"),
@@ -278,11 +277,10 @@ def linear_solve_endpoint(
 
         return call
 
-    def by_function(payload: Any, solver: Any, ins: dict, rhs: dict) -> Any:
+    def by_function(payload: Any, solver: Any, ins: dict, outs: Any, rhs: dict) -> Any:
         fwd_in, fwd_out = tuple(payload.jvp_inputs), tuple(payload.jvp_outputs)
         current["inputs"] = payload.inputs
         try:
-            _, outs = structures(payload)
             if outs is None:  # no abstract_eval: one JVP of zeros tells
                 zeros = {p: np.zeros(s.shape, s.dtype) for p, s in ins.items()}
                 probe = host(jvp_fn, fwd_in, fwd_out, fwd_out)(zeros)
@@ -325,7 +323,7 @@ def linear_solve_endpoint(
         See `POST /linear_solve` in tesseract_lx's serving documentation.
         """
         solver = solvers.from_spec(payload.solver)
-        ins, _ = structures(payload)
+        ins, outs = structures(payload)
         rhs = {p: np.asarray(x) for p, x in payload.rhs.items()}
         out = None
         if state.modes[LINEAR_SOLVE] == "linearise":
@@ -335,7 +333,7 @@ def linear_solve_endpoint(
                 # batched endpoints loop (and `x-tesseract-lx` says so).
                 state.modes[LINEAR_SOLVE] = "function"
         if out is None:
-            out = by_function(payload, solver, ins, rhs)
+            out = by_function(payload, solver, ins, outs, rhs)
         value, result, steps = out
         return LinearSolveOutputSchema.model_validate(
             {
