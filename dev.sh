@@ -4,6 +4,7 @@
 #   bash dev.sh demo    Newton solve of the Bratu example on a real local server
 #   bash dev.sh test    the test suite (real servers on 127.0.0.1, and in process)
 #   bash dev.sh bench   the benchmarks
+#   bash dev.sh docs    the documentation site, into site/ (`bash dev.sh docs serve` to browse)
 set -euo pipefail
 cd "$(dirname "$0")"
 python=${PYTHON:-python3}
@@ -24,5 +25,9 @@ case "$job" in
     demo) exec python examples/bratu_newton.py "$@" ;;
     test) ruff check --quiet . && pyright --warnings && exec python -m pytest -q --durations=15 "$@" ;;
     bench) exec python benchmarks/suite.py "$@" ;;
-    *) echo "usage: bash dev.sh {demo|test|bench} [args...]" >&2; exit 2 ;;
+    docs)
+        export NO_MKDOCS_2_WARNING=1
+        if [ "${1:-}" = serve ]; then shift; exec mkdocs serve "$@"; fi
+        exec mkdocs build --strict "$@" ;;
+    *) echo "usage: bash dev.sh {demo|test|bench|docs} [args...]" >&2; exit 2 ;;
 esac

@@ -38,17 +38,36 @@ _PER_ITEM = 0.25
 
 
 class AbstractBatching(eqx.Module):
-    """How a batch under `jax.vmap` reaches the server. See the module's table."""
+    """How a batch under `jax.vmap` reaches the server: K (co)tangents at one point,
+    or K primal points.
+
+    Pass a rule as `TesseractModule(client, batching=...)`. The rules are
+    [`tlx.Sequential`][tesseract_lx.Sequential],
+    [`tlx.Concurrent`][tesseract_lx.Concurrent],
+    [`tlx.Jacobian`][tesseract_lx.Jacobian], [`tlx.Batched`][tesseract_lx.Batched]
+    and [`tlx.Auto`][tesseract_lx.Auto]; each has a shorthand string (`"sequential"`,
+    `"concurrent"`, `"jacobian"`, `"batched"`, `"auto"`). A rule the server cannot
+    serve gives way to the cheapest one it can, and says so in `client.decisions`.
+    """
 
 
 class Sequential(AbstractBatching):
     """One request per (co)tangent or point, one after another: JAX's own rule for
-    callbacks, and the one that works everywhere."""
+    callbacks, and the one that works everywhere. K items cost K requests.
+    """
 
 
 class Concurrent(AbstractBatching):
-    """One request per item, up to `max_in_flight` at once (default: the server's
-    workers times the client's replicas), spread over the replicas."""
+    """One request per item, several in flight at once, spread over the client's
+    replicas (`Client([url1, url2, ...])`). K items cost K requests, in about
+    `K / max_in_flight` round trips. Worth it against a server with several workers
+    or a pool of servers; against one single-worker server it is `Sequential`.
+
+    **Arguments:**
+
+    - `max_in_flight`: the most requests in flight at once. Default: the server's
+      workers (as it states them, else 1) times the client's replicas.
+    """
 
     max_in_flight: int | None = eqx.field(static=True, default=None)
 
@@ -61,12 +80,25 @@ class Concurrent(AbstractBatching):
 
 class Jacobian(AbstractBatching):
     """K (co)tangents from one `/jacobian` request, contracted locally: best when K
-    is close to the smaller side of the Jacobian."""
+    is close to the smaller side of the Jacobian. The standard basis (what
+    `jax.jacfwd`, `jax.jacrev` and `as_matrix` send) is recognised and never
+    uploaded or contracted: the Jacobian is the answer. Batches of points fall back
+    to `Concurrent`.
+    """
 
 
 class Batched(AbstractBatching):
-    """One request to the server's batched endpoints per `max_batch` items (default:
-    the server's own limit); chunks go to the replicas at the same time."""
+    """One request to the server's batched endpoints
+    (`/batched_jacobian_vector_product`, `/batched_vector_jacobian_product`,
+    `/batched_apply`, served by `tesseract-lx serve`) per `max_batch` items; chunks go
+    to the replicas at the same time. On a server without them (a stock
+    `tesseract-runtime serve`), the cheapest rule it allows instead.
+
+    **Arguments:**
+
+    - `max_batch`: the most items in one request. Default: the server's own limit
+      (`max_batch` in its `x-tesseract-lx`).
+    """
 
     max_batch: int | None = eqx.field(static=True, default=None)
 
@@ -77,11 +109,19 @@ class Batched(AbstractBatching):
 
 class Auto(AbstractBatching):
     """The cheapest rule the server allows, from a cost model fed by measured
-    latencies. Every choice is recorded, with its estimates, in `client.decisions`;
-    `TesseractModule.explain` gives it before anything is sent.
+    latencies ([`tlx.estimate_costs`][tesseract_lx.estimate_costs]). Every choice is
+    recorded, with its estimates, in `client.decisions` (a list of
+    [`tlx.Decision`][tesseract_lx.Decision]); `TesseractModule.explain` gives it
+    before anything is sent. The default rule.
 
-    `jacobian=False` never materialises the Jacobian (one `/jacobian` for K
-    tangents): for a Jacobian too large to fetch, whatever K.
+    The standard basis (`jax.jacfwd`, `jax.jacrev`, `as_matrix`) goes as one
+    `/jacobian`; one tangent goes to the plain endpoint; a batch of points goes as
+    one `/batched_apply` only where the server says it takes one.
+
+    **Arguments:**
+
+    - `jacobian`: whether the Jacobian may be fetched whole. `False` never sends
+      `/jacobian` for a batch, whatever K: for a Jacobian too large to fetch.
     """
 
     jacobian: bool = eqx.field(static=True, default=True)
@@ -120,7 +160,10 @@ class Plan:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """Why a batch went (or would go) the way it did (also logged at DEBUG level).
+    """Why a batch went (or would go) the way it did (also logged at DEBUG level):
+    the entries of `client.decisions`, and what `TesseractModule.explain` returns.
+
+    **Attributes:**
 
     - `kind`: the endpoint asked for (`"jacobian_vector_product"`,
         `"vector_jacobian_product"`, or `"apply"` for a batch of points).
@@ -160,11 +203,16 @@ def estimate_costs(
 
     **Arguments:**
 
-    - `client`: the `tesseract_lx.Client`.
+    - `client`: the [`tlx.Client`][tesseract_lx.Client].
     - `kind`: `"jacobian_vector_product"`, `"vector_jacobian_product"` or `"apply"`.
     - `k`: how many (co)tangents or points.
     - `n_in`, `n_out`: sizes of the differentiated inputs and outputs.
     - `size`: elements of the point, which keys the client's measured latencies.
+
+    **Returns:**
+
+    A dict from rule name (`"sequential"`, `"concurrent"`, `"jacobian"`,
+    `"batched"`) to its expected seconds, for the rules the server allows.
 
     Measured latencies (`client.latency`, per endpoint and size) are used where the
     client has them; otherwise defaults for loopback. A single request costs `one`;

@@ -85,10 +85,23 @@ class Client:
         tesseract-lx server says (`--workers`), else 1. Used by the `Concurrent` rule
         and by `Auto`'s cost model.
 
-    `client.stats` is a `collections.Counter` of the requests sent, keyed by endpoint
-    name (`"apply"`, `"jacobian_vector_product"`, ...). The interface (shapes, dtypes,
-    differentiable paths, endpoints, what the server can do) is read from
-    `/openapi.json` once, on first use.
+    The interface (shapes, dtypes, differentiable paths, endpoints, what the server
+    can do) is read from `/openapi.json` once, on first use.
+
+    **Attributes:**
+
+    - `stats`: a `collections.Counter` of the requests sent, keyed by endpoint name
+        (`"apply"`, `"jacobian_vector_product"`, `"batched_vector_jacobian_product"`,
+        `"linear_solve"`, ...). Counted as each request leaves, so a failed one
+        counts too; `client.stats.clear()` starts afresh.
+    - `decisions`: the last 100 [`tlx.Decision`][tesseract_lx.Decision]s, what
+        each batch of tangents or points was sent as, and why.
+    - `last_error`: the last [`tlx.TesseractError`][tesseract_lx.TesseractError],
+        typed: under `jax.jit` only its text reaches the caller.
+    - `activity`: requests in flight and done, by endpoint, with times and bytes:
+        what [`tlx.progress`][tesseract_lx.progress] draws.
+    - `latency`: measured seconds per request, by endpoint, size and batch: what
+        [`tlx.Auto`][tesseract_lx.Auto] estimates from.
     """
 
     def __init__(
@@ -247,6 +260,7 @@ class Client:
 
     @property
     def urls(self) -> tuple[str, ...]:
+        """The addresses of the replicas."""
         return tuple(t.url for t in self._transports)
 
     @property
@@ -274,6 +288,8 @@ class Client:
 
     @property
     def workers(self) -> int:
+        """How many requests each server computes at once: as given to the client,
+        else as the server states it (`--workers`), else 1."""
         if self._workers is not None:
             return self._workers
         return self.capabilities.workers
@@ -284,6 +300,8 @@ class Client:
         return self.workers * len(self._transports)
 
     def health(self) -> dict:
+        """`GET /health`: the server's status (on `tesseract-lx serve`, with the
+        linearisation cache's counters under `tesseract_lx`)."""
         response = self._transports[0].send("GET", "health")
         return self._decode("health", response, self.urls[0], lambda doc: doc)
 

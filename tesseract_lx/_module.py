@@ -105,6 +105,7 @@ class TesseractModule(eqx.Module):
 
     @property
     def schema(self):
+        """The Tesseract's interface as the client read it from `/openapi.json`."""
         return self.client.schema
 
     def prepare(self, inputs: Any) -> tuple[Call, list]:

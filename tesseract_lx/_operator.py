@@ -117,11 +117,14 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
         return unpack(paths, tree, structure)
 
     def in_structure(self):
+        """The structure of the vectors `mv` takes (`jax.ShapeDtypeStruct`s: an
+        array, or a dict keyed by path); sends nothing."""
         ins, outs = self._structure
         paths, structs = (self.of, outs) if self.transposed else (self.wrt, ins)
         return self._pack(paths, list(structs))
 
     def out_structure(self):
+        """The structure of what `mv` returns; sends nothing."""
         ins, outs = self._structure
         paths, structs = (self.wrt, ins) if self.transposed else (self.of, outs)
         return self._pack(paths, list(structs))
@@ -147,6 +150,9 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
         return self._pack(dst, results)
 
     def mv(self, vector):
+        """The Jacobian times `vector`: one `/jacobian_vector_product` (one
+        `/vector_jacobian_product` for the transpose). Under `jax.vmap`, a batch of
+        vectors goes by the module's batching rule."""
         return self._derivative(vector)
 
     def as_matrix(self) -> Float[Array, "m n"]:
@@ -200,6 +206,8 @@ class TesseractJacobianOperator(AbstractTesseractOperator):
         tuple of them (then vectors are dicts keyed by path).
     - `of`: the output(s) to differentiate, likewise.
     - `tags`: lineax tags, e.g. `lx.symmetric_tag` (unchecked).
+    - `transposed`: the operator's transpose `d(of)/d(wrt)^T` instead (what `.T`
+        gives): `mv` then sends a VJP.
 
     `mv` sends one `/jacobian_vector_product`; `.T.mv` one
     `/vector_jacobian_product`; `as_matrix` one request; a vmapped `mv` goes through
@@ -244,6 +252,9 @@ class TesseractJacobianOperator(AbstractTesseractOperator):
         self._structure = _structure(f, inputs, self.wrt, self.of)
 
     def transpose(self) -> "TesseractJacobianOperator":
+        """The transpose (also `.T`), sending nothing: its `mv` is a VJP request
+        (a JVP request for the transpose of a transpose). A `symmetric_tag`ged
+        operator is its own transpose."""
         if lx.symmetric_tag in self.tags:
             return self
         return _replace(
@@ -254,11 +265,22 @@ class TesseractJacobianOperator(AbstractTesseractOperator):
 class TesseractLinearOperator(AbstractTesseractOperator):
     """A Tesseract that is linear in `wrt`, as the operator `wrt -> of`.
 
-    Arguments as for `TesseractJacobianOperator`; the point's `wrt` entry fixes only
-    shapes (and, for the transpose, where the VJP is taken: anywhere, by linearity).
+    **Arguments:**
 
-    `mv(x)` sends one `/apply` with `wrt` replaced by `x` (assumes linearity,
-    unchecked); `.T.mv` one `/vector_jacobian_product`; `as_matrix` one request.
+    - `f`: a `TesseractModule`.
+    - `inputs`: a dict of all the Tesseract's inputs. Its `wrt` entry fixes only
+        shapes and dtypes (and, for the transpose, where the VJP is taken: anywhere,
+        by linearity).
+    - `wrt`: the input(s) the Tesseract is linear in: a path in tesseract-core's
+        syntax, or a tuple of them (then vectors are dicts keyed by path).
+    - `of`: the output(s), likewise.
+    - `tags`: lineax tags, e.g. `lx.positive_semidefinite_tag` (unchecked).
+    - `transposed`: the transpose instead (what `.T` gives).
+
+    `mv(x)` sends one `/apply` with `wrt` replaced by `x` (it assumes linearity and
+    does not check it); `.T.mv` one `/vector_jacobian_product`; `as_matrix` one
+    request; a vmapped `mv` one `/batched_apply` where the server takes a batch of
+    points.
     """
 
     module: TesseractModule
@@ -273,6 +295,8 @@ class TesseractLinearOperator(AbstractTesseractOperator):
     transpose = TesseractJacobianOperator.transpose
 
     def mv(self, vector):
+        """The operator times `vector`: one `/apply` with `wrt` replaced by `vector`
+        (one `/vector_jacobian_product` for the transpose)."""
         if self.transposed:
             return self._derivative(vector)
         call, operands, wrt, of = self._call()

@@ -14,7 +14,15 @@ from ._wire.schema import ArrayNode, differentiable_patterns, node_at
 class ResidualFn(eqx.Module):
     """`fn(y, args)`: the Tesseract's output(s) `of` as a function of input(s) `wrt`.
 
-    Built by [`tesseract_lx.residual_fn`][]; an `eqx.Module`, so jit caches on it.
+    Built by [`tesseract_lx.residual_fn`][], which checks the paths against the
+    schema; an `eqx.Module`, so jit caches on it.
+
+    **Arguments:**
+
+    - `module`: the `TesseractModule`.
+    - `wrt`: the input paths `y` stands for (one path: `y` is that input; several:
+        a dict keyed by path).
+    - `of`: the output paths `fn` returns, likewise.
     """
 
     module: TesseractModule

@@ -90,6 +90,12 @@ def progress(client: Any, *, refresh: float = 0.25, console: Any = None) -> Iter
     - `refresh`: seconds between redraws.
     - `console`: a `rich.console.Console` (default: standard error's).
 
+    **Returns:**
+
+    A context manager; the line shows requests sent and in flight by endpoint, their
+    mean latency, bytes each way and the time elapsed, and stays as a summary when
+    the block ends.
+
     Draws nothing when the console is not a terminal. Use it together with
     optimistix's `verbose=` to see steps and residuals as they come.
 

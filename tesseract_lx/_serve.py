@@ -156,6 +156,18 @@ def serve(
     - `startup_timeout`: seconds to wait for `/health` before giving up.
     - `timeout`: the client's per-request timeout.
 
+    **Returns:**
+
+    A context manager that yields a [`tlx.Client`][tesseract_lx.Client] of the
+    running server.
+
+    !!! Example
+
+        ```python
+        with tlx.serve("examples/tesseracts/bratu/tesseract_api.py") as client:
+            f = tlx.TesseractModule(client)
+        ```
+
     Run outputs go to a temporary directory removed on exit. The server is stopped
     on exit, on exceptions and on Ctrl-C; if it fails to start, the error carries
     its own output, and nothing is left behind.
