@@ -426,9 +426,9 @@ def _by_other_direction(call: Call, kind, primals, src, dst, lin, k, dst_shapes)
         for s in src:
             m = rows[s][start : start + sizes[d]].reshape(sizes[d], -1)
             if kind == JVP:
-                jac[(d, s)] = m.reshape(*dst_shapes[d], *src_shapes[s])
+                jac[(d, s)] = m.reshape((*dst_shapes[d], *src_shapes[s]))
             else:
-                jac[(s, d)] = m.T.reshape(*src_shapes[s], *dst_shapes[d])
+                jac[(s, d)] = m.T.reshape((*src_shapes[s], *dst_shapes[d]))
         start += sizes[d]
     return _contract(jac, lin, src, dst, dst_shapes, k, kind == JVP)
 
@@ -556,7 +556,7 @@ def run_solve(
         codes[idx] = [RESULTS_NAMES.index(r) for r in answer["result"]]
         steps[idx] = answer["num_steps"]
     return (
-        *(s.reshape(*lead, *s.shape[1:]) for s in sols),
+        *(s.reshape((*lead, *s.shape[1:])) for s in sols),
         codes.reshape(lead),
         steps.reshape(lead),
     )

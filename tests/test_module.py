@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import tesseract_lx as tlx
 
+from conftest import fresh
 from helpers import (
     CASES,
     has_batched,
     JVP,
+    PARTIAL,
     PARTIAL_CASES,
     ROOT,
     schema_fixes_outputs,
@@ -29,6 +31,7 @@ from helpers import (
     tree_allclose,
     VJP,
 )
+from references import pytree_inputs, pytree_ref
 
 
 # The array input each example is vmapped over (batched primal points).
@@ -383,6 +386,31 @@ def test_partial_tesseract_jvp_auto(client, case, transport):
         assert client.stats == {"apply": 1, f"batched_{VJP}": 1}
     else:
         assert client.stats == {"apply": 1, VJP: u.size}
+
+
+@pytest.mark.parametrize("transport", ["stock", "tlx"])
+def test_jvp_from_vjps_between_scalars(served, transport):
+    """A JVP assembled from VJPs, where input and output are 0-d arrays: the
+    Jacobian block is a 1 x 1 matrix reshaped to shape ()."""
+    path = PARTIAL / "pytree_vjp_only" / "tesseract_api.py"
+    client = fresh(served.get(path, transport))
+    f = tlx.TesseractModule(client, batching="sequential")
+    inputs = pytree_inputs(4)
+
+    def g(fn):
+        def mean(b):
+            params = {**inputs["params"], "b": b}
+            return fn({**inputs, "params": params})["stats"]["mean"]
+
+        return mean
+
+    b = inputs["params"]["b"]
+    out, dout = jax.jvp(g(f), (b,), (jnp.asarray(0.7),))
+    ref, dref = jax.jvp(g(pytree_ref), (b,), (jnp.asarray(0.7),))
+    assert jnp.shape(dout) == () and tree_allclose((out, dout), (ref, dref))
+    # The Jacobian from the VJPs of the output basis: one per output element.
+    n_out = inputs["x"].size + 2
+    assert client.stats == {"apply": 1, VJP: n_out}
 
 
 #

@@ -21,7 +21,14 @@ from tesseract_lx._wire.encoding import decode_tree, encode_tree
 
 from conftest import fresh
 from helpers import ALL_CASES, PARTIAL, VJP
-from references import bratu_inputs, bratu_ref, poisson_inputs, poisson_ref
+from references import (
+    bratu_inputs,
+    bratu_ref,
+    poisson_inputs,
+    poisson_ref,
+    pytree_inputs,
+    pytree_ref,
+)
 
 
 jax.config.update("jax_enable_x64", True)
@@ -263,3 +270,56 @@ def test_two_operators_of_the_same_shapes(bratu, transport):
         M = _jacobian(bratu_ref, inputs, wrt, "residual")
         x = lx.linear_solve(J, b, solver).value
         np.testing.assert_allclose(x.reshape(-1), jnp.linalg.solve(M, b.reshape(-1)))
+
+
+@pytest.mark.parametrize("transport", ["tlx", "inprocess"])
+def test_operator_over_several_paths_with_a_scalar(served, transport):
+    """An operator whose vectors are dicts keyed by path, one of them a 0-d array
+    (`params.b`, `stats.mean`): single, transposed and vmapped solves, one request
+    each, against pure JAX's least squares on the materialised Jacobian."""
+    client = fresh(served.get(ALL_CASES["pytree"].path, transport))
+    f = tlx.TesseractModule(client)
+    inputs = pytree_inputs(5)
+    wrt, of = ("params.b", "x"), ("y", "stats.norm", "stats.mean")  # 6 -> 7
+    J = tlx.TesseractJacobianOperator(f, inputs, wrt=wrt, of=of)
+
+    def g(b, x):
+        params = {**inputs["params"], "b": b}
+        out = pytree_ref({**inputs, "params": params, "x": x})
+        return jnp.concatenate(
+            [out["y"], out["stats"]["norm"][None], out["stats"]["mean"][None]]
+        )
+
+    M = jnp.concatenate(
+        [
+            j.reshape(7, -1)
+            for j in jax.jacfwd(g, (0, 1))(inputs["params"]["b"], inputs["x"])
+        ],
+        axis=1,
+    )
+    flat = lambda tree, paths: jnp.concatenate(  # noqa: E731
+        [jnp.ravel(tree[p]) for p in paths]
+    )
+    rng = np.random.default_rng(3)
+    b = {"y": rng.normal(size=5), "stats.norm": rng.normal(), "stats.mean": 0.5}
+    b = jax.tree.map(jnp.asarray, b)
+    bs = jax.tree.map(lambda v: jnp.stack([v, 2 * v, -v]), b)
+    ct = {"params.b": jnp.asarray(0.3), "x": jnp.asarray(rng.normal(size=5))}
+    solvers = (tlx.OnServer(lx.LSMR(**TOL)), tlx.OnServer(lx.Normal(lx.CG(**TOL))))
+    for solver in solvers:
+        client.stats.clear()
+        x = lx.linear_solve(J, b, solver).value
+        assert set(x) == set(wrt) and jnp.shape(x["params.b"]) == ()
+        ref = jnp.linalg.lstsq(M, flat(b, of))[0]
+        np.testing.assert_allclose(flat(x, wrt), ref, rtol=1e-8, atol=1e-10)
+        xs = jax.vmap(lambda v: lx.linear_solve(J, v, solver).value)(bs)
+        for i, scale in enumerate((1, 2, -1)):
+            got = flat(jax.tree.map(lambda v: v[i], xs), wrt)
+            np.testing.assert_allclose(got, scale * ref, rtol=1e-8, atol=1e-10)
+        assert client.stats == {"linear_solve": 2}
+    client.stats.clear()
+    y = lx.linear_solve(J.T, ct, tlx.OnServer(lx.LSMR(**TOL))).value
+    assert set(y) == set(of) and jnp.shape(y["stats.mean"]) == ()
+    ref = jnp.linalg.lstsq(M.T, flat(ct, wrt))[0]
+    np.testing.assert_allclose(flat(y, of), ref, rtol=1e-8, atol=1e-10)
+    assert client.stats == {"linear_solve": 1}
