@@ -52,12 +52,12 @@ class Activity:
             self.bytes_in += nbytes
 
     def snapshot(self) -> dict[str, Any]:
-        """`{"endpoints": {name: (done, in flight, mean seconds)}, "bytes_out",
-        "bytes_in"}`."""
+        """`{"endpoints": {name: (done, in flight, total seconds)}, "bytes_out",
+        "bytes_in"}`, since the client was made."""
         with self._lock:
             return {
                 "endpoints": {
-                    name: (e.done, e.in_flight, e.seconds / e.done if e.done else 0.0)
+                    name: (e.done, e.in_flight, e.seconds)
                     for name, e in self._endpoints.items()
                 },
                 "bytes_out": self.bytes_out,
@@ -65,15 +65,21 @@ class Activity:
             }
 
 
-def describe(snapshot: dict[str, Any], elapsed: float) -> str:
-    """One line of text for `snapshot` after `elapsed` seconds."""
-    endpoints = snapshot["endpoints"]
-    done = sum(d for d, _, _ in endpoints.values())
+def describe(now: dict[str, Any], start: dict[str, Any], elapsed: float) -> str:
+    """One line of text for what happened between the snapshots `start` and `now`,
+    `elapsed` seconds apart."""
+    endpoints = {}
+    for name, (done, flying, seconds) in now["endpoints"].items():
+        done0, _, seconds0 = start["endpoints"].get(name, (0, 0, 0.0))
+        if done > done0 or flying:
+            endpoints[name] = (done - done0, flying, seconds - seconds0)
+    sent = sum(d for d, _, _ in endpoints.values())
     flying = sum(f for _, f, _ in endpoints.values())
-    parts = [f"requests {done} (in flight {flying})"]
-    for name, (d, _, mean) in sorted(endpoints.items(), key=lambda kv: -kv[1][0]):
+    parts = [f"requests {sent} (in flight {flying})"]
+    for name, (d, _, seconds) in sorted(endpoints.items(), key=lambda kv: -kv[1][0]):
+        mean = seconds / d if d else 0.0
         parts.append(f"{name} {d} {mean * 1e3:.1f} ms")
-    out, back = (snapshot[k] / 1024**2 for k in ("bytes_out", "bytes_in"))
+    out, back = ((now[k] - start[k]) / 1024**2 for k in ("bytes_out", "bytes_in"))
     parts.append(f"{out:.1f} MB out, {back:.1f} MB in")
     minutes, seconds = divmod(elapsed, 60)
     parts.append(f"{int(minutes):02d}:{seconds:04.1f}")
@@ -92,9 +98,9 @@ def progress(client: Any, *, refresh: float = 0.25, console: Any = None) -> Iter
 
     **Returns:**
 
-    A context manager; the line shows requests sent and in flight by endpoint, their
-    mean latency, bytes each way and the time elapsed, and stays as a summary when
-    the block ends.
+    A context manager; the line shows the requests sent since the block began and
+    those in flight, by endpoint, their mean latency, bytes each way and the time
+    elapsed, and stays as a summary when the block ends.
 
     Draws nothing when the console is not a terminal. Use it together with
     optimistix's `verbose=` to see steps and residuals as they come.
@@ -114,10 +120,11 @@ def progress(client: Any, *, refresh: float = 0.25, console: Any = None) -> Iter
     if not console.is_terminal:
         yield
         return
-    start = time.perf_counter()
+    start, before = time.perf_counter(), client.activity.snapshot()
 
     def line() -> Any:
-        return Text(describe(client.activity.snapshot(), time.perf_counter() - start))
+        now = client.activity.snapshot()
+        return Text(describe(now, before, time.perf_counter() - start))
 
     with Live(line(), console=console, refresh_per_second=1 / refresh) as live:
         done = threading.Event()
