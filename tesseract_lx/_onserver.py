@@ -1,13 +1,13 @@
 """`OnServer`: a lineax solver whose Krylov loop runs next to the Tesseract.
 
 `tlx.OnServer(lx.GMRES(rtol=1e-8, atol=1e-8))` is an `lx.AbstractLinearSolver`.
-Given a `TesseractJacobianOperator` (or its transpose), or a lineax operator whose map
-is one Tesseract JVP (optimistix's Newton and ImplicitAdjoint build those from a
-`tlx.residual_fn`), on a server that offers `POST /linear_solve`, `compute` is one
-request, whatever the number of iterations, and a `jax.vmap` over right-hand sides is
-still one request. Anywhere else (another operator, a stock server) it runs the
-wrapped solver locally: the same numbers, one request per mat-vec, and (for a
-Tesseract operator) `client.decisions` says so.
+Given a `TesseractJacobianOperator` or a `TesseractLinearOperator` (or a transpose),
+or a lineax operator whose map is one Tesseract JVP (optimistix's Newton and
+ImplicitAdjoint build those from a `tlx.residual_fn`), on a server that offers
+`POST /linear_solve`, `compute` is one request, whatever the number of iterations,
+and a `jax.vmap` over right-hand sides is still one request. Anywhere else (another
+operator, a stock server) it runs the wrapped solver locally: the same numbers, one
+request per mat-vec, and (for a Tesseract operator) `client.decisions` says so.
 
 `transpose` gives the transposed solve on the server, so `jax.grad` and `jax.jvp`
 through `lx.linear_solve` cost one more solve request, not one per iteration.
@@ -25,7 +25,7 @@ import lineax as lx
 import numpy as np
 
 from ._batching import Decision
-from ._operator import pack, TesseractJacobianOperator, unpack
+from ._operator import AbstractTesseractOperator, pack, unpack
 from ._primitive import jvp_p, vjp_p
 from ._wire import solvers
 from ._wire.spec import LINEAR_SOLVE
@@ -68,10 +68,11 @@ class _Target(eqx.Module):
 
 def _target(operator: Any) -> _Target | None:
     """The Jacobian behind `operator`, if it is one Tesseract's on a server with
-    `/linear_solve`: a `TesseractJacobianOperator`, or a lineax operator whose map is
+    `/linear_solve`: a `TesseractJacobianOperator`, a `TesseractLinearOperator` (its
+    Jacobian is the operator, at any point), or a lineax operator whose map is
     a single Tesseract JVP (or VJP) of its whole input, as optimistix builds them
     (`jax.linearize` of a `tlx.residual_fn`). `None` otherwise."""
-    if isinstance(operator, TesseractJacobianOperator):
+    if isinstance(operator, AbstractTesseractOperator):
         call, operands, _, _ = operator._call()
         ins, outs = operator._structure
         target = _Target(
@@ -157,7 +158,13 @@ class OnServer(lx.AbstractLinearSolver):
         `lx.LSMR`, or `lx.Normal` of one of them, with lineax's default norm.
 
     Used as any lineax solver: `lx.linear_solve(J, b, tlx.OnServer(lx.GMRES(...)))`,
-    `optx.Newton(..., linear_solver=tlx.OnServer(...))`. A solve that fails on the
+    `optx.Newton(..., linear_solver=tlx.OnServer(...))`. The solve goes to the server
+    for a `TesseractJacobianOperator`, a `TesseractLinearOperator` (whose Jacobian is
+    the operator), their transposes, and the operators optimistix builds from a
+    `tlx.residual_fn`, on a `tesseract-lx serve` server; anything else runs `solver`
+    here, one request per mat-vec, and records a `Decision` with `chosen="local"` in
+    `client.decisions` where it knows the client (as the solve is traced: once per
+    compiled solve). A solve that fails on the
     server (`max_steps` reached, breakdown) reports lineax's own result, so
     `throw=True` raises lineax's error.
     """
@@ -212,7 +219,7 @@ class OnServer(lx.AbstractLinearSolver):
 
 def _client(operator: Any) -> Any:
     """The client of a Tesseract operator, to record a decision in; else `None`."""
-    if isinstance(operator, TesseractJacobianOperator):
+    if isinstance(operator, AbstractTesseractOperator):
         return operator.module.client
     return None
 

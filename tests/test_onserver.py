@@ -111,6 +111,38 @@ def test_cg_on_a_positive_definite_jacobian(served, transport):
     assert client.stats == {"linear_solve": 1}
 
 
+@pytest.mark.parametrize("transport", ["tlx", "stock"])
+def test_linear_operator(served, transport):
+    """A `TesseractLinearOperator` (its `mv` an `/apply`): its Jacobian is the
+    operator, so the solve goes to the server; a stock server solves locally, one
+    `/apply` per iteration, and says so."""
+    client = fresh(served.get(ALL_CASES["poisson"].path, transport))
+    inputs = poisson_inputs(N)
+    A = tlx.TesseractLinearOperator(
+        tlx.TesseractModule(client), inputs, "x", "y", tags=lx.positive_semidefinite_tag
+    )
+    M = _jacobian(poisson_ref, inputs, "x", "y")
+    bs = _rhs((N, N), k=3)
+    solver = tlx.OnServer(lx.CG(**TOL))
+    client.stats.clear()  # the output shapes, learnt for the operator's structure
+    local = []
+    x = lx.linear_solve(A, bs[0], solver).value
+    local += [d.chosen for d in client.decisions if d.kind == "linear_solve"]
+    client.decisions.clear()
+    xs = jax.vmap(lambda b: lx.linear_solve(A, b, solver).value)(bs)
+    local += [d.chosen for d in client.decisions if d.kind == "linear_solve"]
+    for got, b in zip((x, *xs), (bs[0], *bs)):
+        np.testing.assert_allclose(got.reshape(-1), jnp.linalg.solve(M, b.reshape(-1)))
+    if transport == "tlx":
+        assert client.stats == {"linear_solve": 2} and local == []
+    else:
+        assert set(client.stats) == {"apply", "batched_apply"} or set(client.stats) == {
+            "apply"
+        }
+        # Recorded as the solve is traced (a cached trace records nothing more).
+        assert client.stats["apply"] > N and local[:1] == ["local"]
+
+
 @pytest.mark.parametrize("transport", ["tlx", "inprocess"])
 def test_gradients_through_the_solve(bratu, transport):
     """`jax.grad` and `jax.jvp` of a solve w.r.t. its right-hand side: one more solve
