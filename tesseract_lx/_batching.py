@@ -302,7 +302,8 @@ def decide(
         costs = {"sequential": math.inf}
     chosen = min(costs, key=costs.__getitem__)
     ranked = ", ".join(f"{r}={c * 1e3:.2f} ms" for r, c in sorted(costs.items()))
-    reason = f"K={k}, n_in={n_in}, n_out={n_out}: estimated {ranked}"
+    sizes = f"{size} numbers each" if kind == APPLY else f"n_in={n_in}, n_out={n_out}"
+    reason = f"K={k}, {sizes}: estimated {ranked}"
     if named is not None:
         reason = f"`{named}` is not served here; {reason}"
     return Decision(kind, k, chosen, costs, reason)
@@ -318,12 +319,14 @@ def plan(
     size: int,
     basis: bool = False,
 ) -> Plan:
-    """Resolve `rule` for one batch of K items, and record the decision."""
+    """Resolve `rule` for one batch of K items, and record the decision: where there
+    was one to make (not for a lone item sent as it is, nor for a rule followed as
+    asked), so that `client.decisions` is not flooded by a local Krylov loop."""
     decision = decide(client, rule, kind, k, n_in, n_out, size, basis)
-    if not (
-        isinstance(rule, Sequential | Concurrent | Jacobian | Batched)
-        and (_name(rule) == decision.chosen)
-    ):
+    as_asked = isinstance(rule, Sequential | Concurrent | Jacobian | Batched) and (
+        _name(rule) == decision.chosen
+    )
+    if not as_asked and not (k == 1 and decision.chosen == "sequential"):
         client.decisions.append(decision)
         logger.debug(
             "auto picked %s for %s: %s", decision.chosen, kind, decision.reason

@@ -7,6 +7,7 @@ records why in `client.decisions`.
 
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 import pytest
 import tesseract_lx as tlx
@@ -348,3 +349,16 @@ def test_one_tangent_goes_plain_but_on_a_slow_stock_server(client, transport):
         client.latency.record("jacobian", size, 1, 5e-3)
     decision = decide(client, tlx.Auto(), JVP, 1, 16, 16, size)
     assert decision.chosen == ("jacobian" if transport == "stock" else "sequential")
+
+
+@pytest.mark.parametrize("tesseract", ["bratu"])
+@pytest.mark.parametrize("transport", ["tlx"])
+def test_a_local_krylov_loop_leaves_no_decisions(client, case):
+    """A lone tangent sent as it is has no decision to record: a local GMRES solve
+    leaves `client.decisions` empty (it keeps the last 100 only)."""
+    f = tlx.TesseractModule(client, batching=tlx.Auto())
+    inputs = case.inputs()
+    J = tlx.TesseractJacobianOperator(f, inputs, wrt="u", of="residual")
+    b = jnp.ones(inputs["u"].shape)
+    lx.linear_solve(J, b, lx.GMRES(rtol=1e-10, atol=1e-10))
+    assert client.stats[JVP] > 1 and not client.decisions
