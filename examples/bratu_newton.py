@@ -2,8 +2,9 @@
 
 Solves  -Δu - λ exp(u) = f  on the unit square (zero boundary) on an N x N grid, with
 `optx.Newton` and lineax's LU, the residual and its Jacobian coming from the `bratu`
-example Tesseract over HTTP. Prints per step the residual norm and the requests sent,
-then saves a PNG of the solution and of the convergence.
+example Tesseract over HTTP. Prints per step the residual norm and the requests sent
+(with `tlx.progress`'s live line of requests below, on a terminal), then saves a PNG
+of the solution and of the convergence.
 
     python examples/bratu_newton.py [--n 32] [--lam 1.0] [--server tesseract-lx]
 """
@@ -103,7 +104,9 @@ def main() -> None:
     opts = parser.parse_args()
     print(f"Bratu, N={opts.n} ({opts.n**2} unknowns), lambda={opts.lam}, {opts.server}")
     with tlx.serve(BRATU, server=opts.server) as client:
-        u, history = newton(client, opts.n, opts.lam, opts.rtol, opts.max_steps)
+        # optimistix's Newton has no `verbose=`: `newton` prints each step itself.
+        with tlx.progress(client):
+            u, history = newton(client, opts.n, opts.lam, opts.rtol, opts.max_steps)
         print(f"requests in all: {dict(client.stats)}")
     plot(u, history, opts.png)
 

@@ -12,7 +12,10 @@ checked against a central finite difference. (The sensitivity of `k_fit` to the 
 would go through optimistix's implicit rule for least squares, which differentiates
 the gradient J^T r = 0 again: second derivatives, which a Tesseract does not serve.)
 
-    python examples/calibrate.py [--n 16] [--k-true 2.0] [--noise 1e-3]
+The fit prints one line per step through optimistix's `verbose=` (`--no-verbose` to
+silence it), and on a terminal `tlx.progress` shows the requests as they go.
+
+    python examples/calibrate.py [--n 16] [--k-true 2.0] [--noise 1e-3] [--no-verbose]
 """
 
 import argparse
@@ -45,6 +48,21 @@ def misfit(y, args):
     return h2 * r, y["u"] - args["u_obs"]
 
 
+def show_step(**fields) -> None:
+    """`verbose=` for the least-squares solvers: one line per step.
+
+    optimistix calls it inside each step with `name=(label, value)`; `verbose=True`
+    would print every field, `y` among them (N^2 + 1 numbers, twice), so this prints
+    the rest only. A rejected step leaves `accepted` as it was.
+    """
+    shown = ("num_steps", "loss_this_step", "accepted_steps", "step_size")
+    jax.debug.print(
+        "  step {num_steps:>3}: loss {loss_this_step:.6e}, accepted {accepted_steps:>3}"
+        ", step size {step_size:.3g}",
+        **{name: fields[name][1] for name in shown},
+    )
+
+
 def sent(client: tlx.Client, before) -> str:
     diff = client.stats - before
     return f"{sum(diff.values())} {dict(diff)}"
@@ -60,6 +78,12 @@ def main() -> None:
     parser.add_argument("--rtol", type=float, default=1e-10)
     parser.add_argument("--solver", choices=sorted(SOLVERS), default="lm")
     parser.add_argument(
+        "--verbose",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="print each step of the fit (optimistix's `verbose=`)",
+    )
+    parser.add_argument(
         "--server",
         default="tesseract-lx",
         choices=["tesseract-lx", "tesseract-runtime"],
@@ -71,7 +95,7 @@ def main() -> None:
     n = opts.n
     print(f"Bratu calibration, N={n} ({n**2} unknowns + k), {opts.server}")
 
-    with tlx.serve(BRATU, server=opts.server) as client:
+    with tlx.serve(BRATU, server=opts.server) as client, tlx.progress(client):
         f = tlx.TesseractModule(client, batching=opts.batching)
         residual_u = tlx.residual_fn(f, wrt="u", of="residual")
         residual_uk = tlx.residual_fn(f, wrt=("u", "k"), of="residual")
@@ -84,7 +108,8 @@ def main() -> None:
         print(f"observations: Newton at k_true, requests {sent(client, before)}")
 
         # The fit: k and u from the data.
-        solver = SOLVERS[opts.solver](rtol=opts.rtol, atol=opts.rtol)
+        verbose = show_step if opts.verbose else False
+        solver = SOLVERS[opts.solver](rtol=opts.rtol, atol=opts.rtol, verbose=verbose)
         args = {"f": jnp.ones((n, n)), "u_obs": u_obs, "residual": residual_uk}
         y0 = {"u": u_obs, "k": jnp.asarray(opts.k0)}
         before = client.stats.copy()

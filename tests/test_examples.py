@@ -51,6 +51,14 @@ def test_calibrate(tmp_path):
     assert re.search(r"requests: \d+ \{", out), out
     rel = float(re.search(r"relative difference: (\S+)", out).group(1))
     assert rel < 1e-6, out
+    # optimistix's `verbose=` (on by default): one line per step of the fit.
+    steps = int(re.search(r"LevenbergMarquardt: (\d+) steps", out).group(1))
+    lines = re.findall(r"^  step +(\d+): loss \S+, accepted +\d+, step size", out, re.M)
+    assert [int(i) for i in lines] == list(range(steps)), out
+    quiet = run("calibrate.py", "--n", "6", "--no-verbose", cwd=tmp_path)
+    assert "  step " not in quiet, quiet
+    # Printing each step sends no request of its own.
+    assert re.findall(r"requests: .*", quiet) == re.findall(r"requests: .*", out)
 
 
 def _rows(out: str) -> dict[str, tuple[float, str]]:
