@@ -82,8 +82,8 @@ class Jacobian(AbstractBatching):
     """K (co)tangents from one `/jacobian` request, contracted locally: best when K
     is close to the smaller side of the Jacobian. The standard basis (what
     `jax.jacfwd`, `jax.jacrev` and `as_matrix` send) is recognised and never
-    uploaded or contracted: the Jacobian is the answer. Batches of points fall back
-    to `Concurrent`.
+    uploaded or contracted: the Jacobian is the answer. Batches of points, which a
+    Jacobian cannot serve, go the cheapest way the server allows (as under `Auto`).
     """
 
 
@@ -109,10 +109,11 @@ class Batched(AbstractBatching):
 
 class Auto(AbstractBatching):
     """The cheapest rule the server allows, from a cost model fed by measured
-    latencies ([`tlx.estimate_costs`][tesseract_lx.estimate_costs]). Every choice is
-    recorded, with its estimates, in `client.decisions` (a list of
-    [`tlx.Decision`][tesseract_lx.Decision]); `TesseractModule.explain` gives it
-    before anything is sent. The default rule.
+    latencies ([`tlx.estimate_costs`][tesseract_lx.estimate_costs]). Every choice
+    it makes for a batch is recorded, with its estimates, in `client.decisions` (a
+    list of [`tlx.Decision`][tesseract_lx.Decision]; a lone item sent as it is has no
+    choice to record); `TesseractModule.explain` gives it before anything is sent.
+    The default rule.
 
     The standard basis (`jax.jacfwd`, `jax.jacrev`, `as_matrix`) goes as one
     `/jacobian`; one tangent goes to the plain endpoint; a batch of points goes as
@@ -166,10 +167,14 @@ class Decision:
     **Attributes:**
 
     - `kind`: the endpoint asked for (`"jacobian_vector_product"`,
-        `"vector_jacobian_product"`, or `"apply"` for a batch of points).
+        `"vector_jacobian_product"`, `"apply"` for a batch of points, or
+        `"linear_solve"` for a solve `tlx.OnServer` ran locally).
     - `k`: how many items.
-    - `chosen`: the rule (`"sequential"`, `"concurrent"`, `"jacobian"`, `"batched"`).
-    - `estimates`: seconds each rule the server allows is expected to take.
+    - `chosen`: the rule (`"sequential"`, `"concurrent"`, `"jacobian"`, `"batched"`;
+        `"local"` for an `OnServer` solve run here).
+    - `estimates`: seconds each rule the server allows is expected to take (empty
+        when there was nothing to estimate: a rule followed as asked, the standard
+        basis sent as one `/jacobian`).
     - `reason`: the same, in words.
     """
 
@@ -219,7 +224,8 @@ def estimate_costs(
     `sequential` K of them; `concurrent` as many waves as K needs over the workers;
     `batched` one request whose extra cost per item is measured (or guessed as a
     quarter of a lone request's compute); `jacobian` one request carrying
-    `n_in * n_out` numbers, then a local contraction.
+    `n_in * n_out` numbers, then a local contraction. `concurrent` is left out when
+    only one request can be computed at once (`client.parallelism == 1`).
     """
     lat = client.latency
     batched_name = BATCHED_APPLY if kind == APPLY else f"batched_{kind}"

@@ -94,8 +94,9 @@ class Client:
         (`"apply"`, `"jacobian_vector_product"`, `"batched_vector_jacobian_product"`,
         `"linear_solve"`, ...). Counted as each request leaves, so a failed one
         counts too; `client.stats.clear()` starts afresh.
-    - `decisions`: the last 100 [`tlx.Decision`][tesseract_lx.Decision]s, what
-        each batch of tangents or points was sent as, and why.
+    - `decisions`: the last 100 [`tlx.Decision`][tesseract_lx.Decision]s: how
+        `tlx.Auto` (or a rule the server could not serve) sent each batch of tangents
+        or points, and why; and each `tlx.OnServer` solve that ran locally.
     - `last_error`: the last [`tlx.TesseractError`][tesseract_lx.TesseractError],
         typed: under `jax.jit` only its text reaches the caller.
     - `activity`: requests in flight and done, by endpoint, with times and bytes:

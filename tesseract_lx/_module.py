@@ -38,12 +38,13 @@ class TesseractModule(eqx.Module):
     - `vmap_method`: how `jax.vmap` over primal points goes. `"auto"` (the default):
         one `/batched_apply` where the server says it takes a batch of points, else
         one request per point (by `batching`). tesseract-jax's methods mean what they
-        mean there: `None` refuses `vmap` over points; `"sequential"` is one request
-        per point; `"expand_dims"` / `"broadcast_all"` send the points stacked in one
-        `/apply`, trusting the Tesseract to map over a leading axis;
-        `"auto_experimental"` does so when every batched differentiable input is
-        `Array[..., dtype]`. Batches of (co)tangents go by `batching` whatever this
-        says.
+        mean there: `None` refuses `vmap` over points; `"expand_dims"` /
+        `"broadcast_all"` send the points stacked in one `/apply`, trusting the
+        Tesseract to map over a leading axis; `"auto_experimental"` does so when every
+        batched differentiable input is `Array[..., dtype]`. `"sequential"` and
+        `"auto_experimental"` still send one `/batched_apply` where the server says
+        it takes a batch of points (the same numbers, one request), else one request
+        per point. Batches of (co)tangents go by `batching` whatever this says.
     - `check_finite`: refuse an answer (of `/apply`, a JVP, a VJP, `/jacobian` or
         their batched forms) that holds NaN or Inf, with a
         `tesseract_lx.TesseractError` (also a `FloatingPointError`) naming the
@@ -152,8 +153,9 @@ class TesseractModule(eqx.Module):
             (default: all differentiable ones).
 
         **Returns:** a `tlx.Decision`, with the estimated cost of each rule the server
-        allows. Nothing is recorded and no request is sent (except, once, the
-        `/abstract_eval` a traced call at these shapes would send too).
+        allows (none for a rule the server serves as asked). Nothing is recorded and
+        no request is sent (except, once, the `/abstract_eval` a traced call at these
+        shapes would send too).
         """
         endpoint = {"jvp": JVP, "vjp": VJP, "apply": APPLY}.get(kind)
         if endpoint is None:

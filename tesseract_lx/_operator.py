@@ -252,9 +252,8 @@ class TesseractJacobianOperator(AbstractTesseractOperator):
         self._structure = _structure(f, inputs, self.wrt, self.of)
 
     def transpose(self) -> "TesseractJacobianOperator":
-        """The transpose (also `.T`), sending nothing: its `mv` is a VJP request
-        (a JVP request for the transpose of a transpose). A `symmetric_tag`ged
-        operator is its own transpose."""
+        """The transpose (also `.T`), built without a request; `mv` says what its
+        `mv` sends. A `symmetric_tag`ged operator is its own transpose."""
         if lx.symmetric_tag in self.tags:
             return self
         return _replace(

@@ -79,8 +79,9 @@ def residual_fn(
     `/apply` and one materialising request (`/jacobian`; a batched JVP of the
     identity for a Tesseract without one). With `linear_solver=lx.GMRES(...)`, one
     JVP per Krylov iteration; with `linear_solver=tlx.OnServer(lx.GMRES(...))`, one
-    `/linear_solve` per step. Gradients of the solution through
-    `optx.ImplicitAdjoint` cost VJP requests (or one solve request with
+    `/linear_solve` per step. A gradient of the solution through the default
+    `optx.ImplicitAdjoint()` costs one `/jacobian` at the root for the transposed
+    solve and one VJP for the parameters (one `/linear_solve` and one VJP with
     `ImplicitAdjoint(linear_solver=tlx.OnServer(...))`).
     """
     if not isinstance(f, TesseractModule):

@@ -365,7 +365,7 @@ def _tesseracts_own_500(fuzzed: Fuzzed, body: Any, answer: Any) -> bool:
 
     Each is valid by the schema (two arrays of any size: it says nothing of their
     sizes being equal), so only the Tesseract can tell, by raising; the server then
-    answers 500 with the Tesseract's own words (`docs/serving.md`, Errors). Any
+    answers 500 with the Tesseract's own words (`docs/serving/spec.md`, Errors). Any
     other 500, or one without the Tesseract's words, fails the test.
     """
     error = answer.get("error") if isinstance(answer, dict) else None

@@ -20,7 +20,7 @@ from .cache import CacheSettings, LinearisationCache
 try:
     __version__ = importlib.metadata.version("tesseract_lx")
 except importlib.metadata.PackageNotFoundError:  # a source checkout, not installed
-    __version__ = "0.1.0"
+    __version__ = "0.2.0"
 
 
 class DeclarationError(ValueError):
