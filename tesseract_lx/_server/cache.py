@@ -267,7 +267,7 @@ class LinearisationCache:
 
     def mark_untraceable(self, signature: Hashable) -> None:
         with self._lock:
-            _remember(self._untraceable, signature)
+            remember(self._untraceable, signature)
             self.fallbacks += 1
 
     def _compiled(
@@ -298,7 +298,7 @@ class LinearisationCache:
 
         linearise = jax.jit(traced)
         with self._lock:
-            _remember(self._jitted, key, linearise, _MAX_COMPILED)
+            remember(self._jitted, key, linearise, _MAX_COMPILED)
         return key, linearise, leaves
 
     def _linearise(self, kind, fn, inputs, ins, outs, vec, *, at_vec):
@@ -337,7 +337,7 @@ class LinearisationCache:
                 logger.debug("linearising eagerly: it does not trace under jit: %r", e)
                 with self._lock:
                     self._jitted.pop(compiled_key, None)
-                    _remember(self._eager, compiled_key)
+                    remember(self._eager, compiled_key)
         if lin is None:
             try:
                 out, partial = jax.linearize(lambda v: fn(inputs, ins, outs, v), point)
@@ -434,7 +434,7 @@ def _appliers() -> tuple[Callable, Callable]:
     )
 
 
-def _remember(
+def remember(
     memo: OrderedDict, key: Hashable, value: Any = None, limit: int = _MAX_MEMO
 ) -> None:
     """Put `key` last in the LRU `memo`, forgetting the oldest past `limit`."""

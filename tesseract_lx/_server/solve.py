@@ -34,6 +34,7 @@ How the map is computed (`mode`, in `x-tesseract-lx["batched"]["linear_solve"]`)
 """
 
 import types
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -46,8 +47,12 @@ from tesseract_core.runtime.tree_transforms import get_at_path
 from .._wire import solvers
 from .._wire.encoding import decode_array, is_encoded_array
 from .._wire.spec import JVP, LINEAR_SOLVE, VJP
+from .cache import remember
 from .declare import ServerState
 from .limits import check_batch
+
+
+_MAX_COMPILED = 64
 
 
 def solve_mode(api_module: types.ModuleType, state: ServerState) -> str | None:
@@ -232,7 +237,16 @@ def linear_solve_endpoint(
 
         return jax.vmap(one)(pack(rhs))
 
-    compiled: dict[Any, Callable] = {}  # per signature; few in a server's life
+    # The jitted solves, per signature and solver settings; the least recently used
+    # is forgotten past `_MAX_COMPILED` (a sweep over tolerances makes a new one each).
+    compiled: OrderedDict[Any, Callable] = OrderedDict()
+
+    def remembered(key: Any, make: Callable[[], Callable]) -> Callable:
+        run = compiled.get(key)
+        if run is None:
+            run = make()
+        remember(compiled, key, run, limit=_MAX_COMPILED)
+        return run
 
     def linearised(payload: Any, solver: Any, ins: dict, rhs: dict) -> Any:
         first = {p: np.zeros(s.shape, s.dtype) for p, s in ins.items()}
@@ -260,10 +274,7 @@ def linear_solve_endpoint(
         paths_ = (tuple(payload.jvp_inputs), tuple(payload.jvp_outputs))
         key = ("linearise", paths_, tuple(sorted(ins.items())), transpose, tags)
         key = (*key, repr(solver))
-        run = compiled.get(key)
-        if run is None:
-            run = compiled[key] = jax.jit(solve)
-        return run(lin.partial, rhs)
+        return remembered(key, lambda: jax.jit(solve))(lin.partial, rhs)
 
     # Function mode: the callbacks read the point of the request being computed (the
     # runner computes one request at a time), so the jitted solve is one per signature.
@@ -296,18 +307,18 @@ def linear_solve_endpoint(
             shapes = (tuple(sorted(src.items())), tuple(sorted(dst.items())))
             key = ("function", fwd_in, fwd_out, shapes, payload.transpose, tags)
             key = (*key, repr(solver))
-            run = compiled.get(key)
-            if run is None:
 
+            def make() -> Callable:
                 def op_fn(v, call=call, dst=dst):
                     return jax.pure_callback(call, dst, v, vmap_method="sequential")
 
-                run = compiled[key] = jax.jit(
+                return jax.jit(
                     lambda rhs: solve_all(
                         op_fn, src, tuple(dst), False, solver, rhs, tags
                     )
                 )
-            return run(rhs)
+
+            return remembered(key, make)(rhs)
         finally:
             current.clear()
 
