@@ -28,7 +28,7 @@ from ._batching import Decision
 from ._operator import AbstractTesseractOperator, pack, unpack
 from ._primitive import jvp_p, vjp_p
 from ._wire import solvers
-from ._wire.spec import LINEAR_SOLVE
+from ._wire.spec import LINEAR_SOLVE, VJP
 
 
 # The tags a server's operator may carry (the rest say nothing a Krylov solver uses).
@@ -176,21 +176,29 @@ class OnServer(lx.AbstractLinearSolver):
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
         target = _target(operator)
+        client = _client(operator)
+        why = (
+            "the server does not offer `/linear_solve`, or the operator is not one "
+            "Tesseract's Jacobian"
+        )
+        if target is not None and _needs_transpose(self.solver):
+            client = target.call.client
+            function = client.capabilities.mode(LINEAR_SOLVE) == "function"
+            if function and not client.schema.has(VJP):
+                # The server's loop calls the Tesseract's own functions, and
+                # LSMR and Normal need its VJP too.
+                why = (
+                    f"{type(self.solver).__name__} needs the transpose of the Jacobian "
+                    "inside the solve, and this server's `/linear_solve` calls the "
+                    "Tesseract's own functions (mode `function`), which have no "
+                    "`vector_jacobian_product`"
+                )
+                target = None
         if target is not None:
             return target, None
-        client = _client(operator)
         if client is not None:
-            client.decisions.append(
-                Decision(
-                    LINEAR_SOLVE,
-                    1,
-                    "local",
-                    {},
-                    "the solve runs here, one request per mat-vec: the server does not "
-                    "offer `/linear_solve`, or the operator is not one Tesseract's "
-                    "Jacobian",
-                )
-            )
+            reason = f"the solve runs here, one request per mat-vec: {why}"
+            client.decisions.append(Decision(LINEAR_SOLVE, 1, "local", {}, reason))
         return None, self.solver.init(operator, options)
 
     def compute(self, state, vector, options: dict[str, Any]):
@@ -215,6 +223,11 @@ class OnServer(lx.AbstractLinearSolver):
 
     def assume_full_rank(self) -> bool:
         return self.solver.assume_full_rank()
+
+
+def _needs_transpose(solver: Any) -> bool:
+    """Whether `solver` multiplies by the operator's transpose inside one solve."""
+    return isinstance(solver, lx.LSMR | lx.Normal)
 
 
 def _client(operator: Any) -> Any:

@@ -208,8 +208,8 @@ def test_newton_and_implicit_adjoint(bratu, transport):
 
 
 def test_function_only_tesseract(served):
-    """A NumPy Tesseract: the server's Krylov loop calls its JVP (or, transposed,
-    its VJP) in process; LSMR needs both in one solve and is refused, naming it."""
+    """A NumPy Tesseract: the server's Krylov loop calls its JVP in process, and its
+    VJP for the transpose (a transposed solve; LSMR and Normal, which need both)."""
     client = served.get(NUMPY, "tlx")
     assert dict(client.capabilities.modes)["linear_solve"] == "function"
     x = jnp.linspace(0.1, 1.0, 6)
@@ -219,15 +219,48 @@ def test_function_only_tesseract(served):
     J = tlx.TesseractJacobianOperator(f, inputs, wrt="x", of="y")
     diag = 2.0 * jnp.cos(x)
     b = _rhs((6,))
-    for op, solver in ((J, lx.GMRES(**TOL)), (J.T, lx.BiCGStab(**TOL))):
+    cases = (
+        (J, lx.GMRES(**TOL)),
+        (J.T, lx.BiCGStab(**TOL)),
+        (J, lx.LSMR(**TOL)),
+        (J, lx.Normal(lx.CG(**TOL))),
+    )
+    for op, solver in cases:
         client.stats.clear()
+        client.decisions.clear()
         sol = lx.linear_solve(op, b, tlx.OnServer(solver))
-        np.testing.assert_allclose(sol.value, b / diag, rtol=1e-10)
-        assert client.stats == {"linear_solve": 1}
-    # lineax jits its solve: the error reaches us as JAX's, with the server's words.
-    with pytest.raises(jax.errors.JaxRuntimeError, match="LSMR needs the transpose"):
-        lx.linear_solve(J, b, tlx.OnServer(lx.LSMR(**TOL)))
-    assert isinstance(client.last_error, tlx.TesseractValidationError)
+        np.testing.assert_allclose(sol.value, b / diag, rtol=1e-8)
+        assert client.stats == {"linear_solve": 1} and not client.decisions
+
+
+def test_both_ways_without_a_vjp_runs_here(served):
+    """LSMR needs the transpose inside the solve; a NumPy Tesseract without a VJP
+    cannot give it on the server, so `OnServer` runs LSMR here (its VJPs from JVPs of
+    the basis) and says why; sent anyway, the server refuses it, naming the solver."""
+    client = served.get(PARTIAL / "numpy_jvp_only" / "tesseract_api.py", "tlx")
+    x = jnp.linspace(0.1, 1.0, 6)
+    inputs = {"x": x, "a": 2.0}
+    f = tlx.TesseractModule(client)
+    f(inputs)
+    J = tlx.TesseractJacobianOperator(f, inputs, wrt="x", of="y")
+    b = _rhs((6,))
+    client.stats.clear()
+    client.decisions.clear()
+    sol = lx.linear_solve(J, b, tlx.OnServer(lx.LSMR(**TOL)))
+    np.testing.assert_allclose(sol.value, b / (2.0 * jnp.cos(x)), rtol=1e-8)
+    assert "linear_solve" not in client.stats
+    (decision,) = [d for d in client.decisions if d.kind == "linear_solve"]
+    assert decision.chosen == "local" and "LSMR needs the transpose" in decision.reason
+    payload = {
+        "inputs": {"x": np.asarray(x).tolist(), "a": 2.0},
+        "jvp_inputs": ["x"],
+        "jvp_outputs": ["y"],
+        "rhs": {"y": [np.asarray(b).tolist()]},
+        "solver": {"name": "LSMR", "rtol": 1e-8, "atol": 1e-8},
+    }
+    answer = requests.post(f"{client.urls[0]}/linear_solve", json=payload, timeout=60)
+    assert answer.status_code == 422, answer.text
+    assert "LSMR needs the transpose" in answer.text and "solver" in answer.text
 
 
 @pytest.mark.parametrize("transport", ["tlx"])

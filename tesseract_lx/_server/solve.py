@@ -53,6 +53,8 @@ from .limits import check_batch
 
 
 _MAX_COMPILED = 64
+# The solvers that multiply by the transpose inside one solve.
+_BOTH_WAYS = frozenset({"LSMR", "Normal"})
 
 
 def solve_mode(api_module: types.ModuleType, state: ServerState) -> str | None:
@@ -141,6 +143,8 @@ def linear_solve_endpoint(
     import jax
     import lineax as lx
 
+    from .twoway import TwoWay
+
     if not jaxy:
         jax.config.update("jax_enable_x64", True)
 
@@ -194,12 +198,12 @@ def linear_solve_endpoint(
             raise _error(("rhs",), "`rhs` holds no right-hand side.")
         check_batch(k, state.max_batch, "rhs")
         live = state.modes[LINEAR_SOLVE]
-        if live == "function" and payload.solver.name in ("LSMR", "Normal"):
+        if live == "function" and payload.solver.name in _BOTH_WAYS and vjp_fn is None:
             raise _error(
                 ("solver", "name"),
                 f"{payload.solver.name} needs the transpose of the Jacobian inside the "
-                "solve, which only a JAX Tesseract served with the linearisation cache "
-                "gives here; use GMRES, BiCGStab or CG.",
+                "solve, and this Tesseract has no `vector_jacobian_product`; use "
+                "GMRES, BiCGStab or CG.",
             )
         if live == "function" and payload.transpose and vjp_fn is None:
             raise _error(
@@ -209,13 +213,15 @@ def linear_solve_endpoint(
             )
 
     # The solve, jitted once per signature: (map, K right-hand sides) -> answers.
-    def solve_all(op_fn, src, dst_keys, transpose, solver, rhs, tags=()):
+    def solve_all(op_fn, src, dst_keys, transpose, solver, rhs, tags=(), op_t=None):
         """`vmap` over the K right-hand sides `rhs` of a lineax solve with the map
         `op_fn` (`{src path: array} -> {dst path: array}`, `src` its structure), or
-        its transpose. Either side with one path is a bare array to lineax, as on
-        the client's operator (so a square map is square to lineax)."""
-        src_keys = tuple(src)
-        sol_keys = tuple(dst_keys) if transpose else src_keys
+        its transpose: JAX's transpose of `op_fn`, or `op_t` when given (the map's
+        transpose, `{dst path: array} -> {src path: array}`). Either side with one
+        path is a bare array to lineax, as on the client's operator (so a square map
+        is square to lineax)."""
+        src_keys, dst_keys = tuple(src), tuple(dst_keys)
+        sol_keys = dst_keys if transpose else src_keys
 
         def pack(d: dict) -> Any:
             return next(iter(d.values())) if len(d) == 1 else d
@@ -223,11 +229,14 @@ def linear_solve_endpoint(
         def unpack(x: Any, keys: tuple) -> dict:
             return {keys[0]: x} if len(keys) == 1 else x
 
-        op = lx.FunctionLinearOperator(
-            lambda v: pack(op_fn(unpack(v, src_keys))),
-            pack(src),
-            frozenset(getattr(lx, f"{t}_tag") for t in tags),
-        )
+        fn = lambda v: pack(op_fn(unpack(v, src_keys)))  # noqa: E731
+        tag_set = frozenset(getattr(lx, f"{t}_tag") for t in tags)
+        if op_t is None:
+            op = lx.FunctionLinearOperator(fn, pack(src), tag_set)
+        else:
+            dst = jax.eval_shape(op_fn, src)
+            fn_t = lambda w: pack(op_t(unpack(w, dst_keys)))  # noqa: E731
+            op = TwoWay(fn, fn_t, pack(src), pack(dst), tag_set)
         op = op.T if transpose else op
 
         def one(b):
@@ -248,7 +257,22 @@ def linear_solve_endpoint(
         remember(compiled, key, run, limit=_MAX_COMPILED)
         return run
 
-    def linearised(payload: Any, solver: Any, ins: dict, rhs: dict) -> Any:
+    transposes: OrderedDict[Any, bool] = OrderedDict()
+
+    def transposable(key: Any, fn: Callable, ins: dict) -> bool:
+        """Whether JAX can transpose the linear map `fn` (once per signature)."""
+        known = transposes.get(key)
+        if known is None:
+            try:
+                outs = jax.eval_shape(fn, ins)
+                jax.eval_shape(jax.linear_transpose(fn, ins), outs)
+                known = True
+            except Exception:
+                known = False
+        remember(transposes, key, known, limit=_MAX_COMPILED)
+        return known
+
+    def linearised(payload: Any, solver: Any, ins: dict, outs: Any, rhs: dict) -> Any:
         first = {p: np.zeros(s.shape, s.dtype) for p, s in ins.items()}
         assert state.cache is not None
         lin = state.cache.linear(
@@ -262,6 +286,13 @@ def linear_solve_endpoint(
         if lin is None:
             return None
         transpose, tags = payload.transpose, tuple(payload.tags)
+        paths_ = (tuple(payload.jvp_inputs), tuple(payload.jvp_outputs))
+        if (transpose or payload.solver.name in _BOTH_WAYS) and not transposable(
+            (paths_, tuple(sorted(ins.items()))), lin.partial, ins
+        ):
+            # JAX cannot transpose this map (it calls back to the host): the
+            # Tesseract's own VJP is its transpose, as in function mode.
+            return by_function(payload, solver, ins, outs, rhs)
 
         def solve(partial: Any, rhs: dict) -> Any:
             outs = payload.jvp_outputs
@@ -271,7 +302,6 @@ def linear_solve_endpoint(
             return solve(lin.partial, rhs)
         # Everything the jitted function closes over (the map's own structure, from
         # the compiled linearisation, is an argument: jit keys on it itself).
-        paths_ = (tuple(payload.jvp_inputs), tuple(payload.jvp_outputs))
         key = ("linearise", paths_, tuple(sorted(ins.items())), transpose, tags)
         key = (*key, repr(solver))
         return remembered(key, lambda: jax.jit(solve))(lin.partial, rhs)
@@ -298,23 +328,28 @@ def linear_solve_endpoint(
                 outs = {
                     p: jax.ShapeDtypeStruct(a.shape, a.dtype) for p, a in probe.items()
                 }
-            if payload.transpose:  # J^T is the VJP: a map from outputs to inputs
-                assert vjp_fn is not None
-                call, src, dst = host(vjp_fn, fwd_in, fwd_out, fwd_in), outs, ins
-            else:
-                call, src, dst = host(jvp_fn, fwd_in, fwd_out, fwd_out), ins, outs
-            tags = tuple(payload.tags)
-            shapes = (tuple(sorted(src.items())), tuple(sorted(dst.items())))
-            key = ("function", fwd_in, fwd_out, shapes, payload.transpose, tags)
+            tags, transpose = tuple(payload.tags), payload.transpose
+            shapes = (tuple(sorted(ins.items())), tuple(sorted(outs.items())))
+            key = ("function", fwd_in, fwd_out, shapes, transpose, tags)
             key = (*key, repr(solver))
 
             def make() -> Callable:
-                def op_fn(v, call=call, dst=dst):
-                    return jax.pure_callback(call, dst, v, vmap_method="sequential")
+                # J is the Tesseract's JVP, J^T its VJP: each a host call.
+                jvp = host(jvp_fn, fwd_in, fwd_out, fwd_out)
+
+                def op_fn(v):
+                    return jax.pure_callback(jvp, outs, v, vmap_method="sequential")
+
+                op_t: Callable | None = None
+                if vjp_fn is not None:
+                    vjp = host(vjp_fn, fwd_in, fwd_out, fwd_in)
+                    op_t = lambda w: jax.pure_callback(  # noqa: E731
+                        vjp, ins, w, vmap_method="sequential"
+                    )
 
                 return jax.jit(
                     lambda rhs: solve_all(
-                        op_fn, src, tuple(dst), False, solver, rhs, tags
+                        op_fn, ins, fwd_out, transpose, solver, rhs, tags, op_t
                     )
                 )
 
@@ -338,7 +373,7 @@ def linear_solve_endpoint(
         rhs = {p: np.asarray(x) for p, x in payload.rhs.items()}
         out = None
         if state.modes[LINEAR_SOLVE] == "linearise":
-            out = linearised(payload, solver, ins, rhs)
+            out = linearised(payload, solver, ins, outs, rhs)
             if out is None:
                 # It does not trace: its functions in process from now on, as the
                 # batched endpoints loop (and `x-tesseract-lx` says so).
