@@ -22,9 +22,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 import pytest
 import tesseract_lx as tlx
+from jax.flatten_util import ravel_pytree
 
 from upstream import download_examples, Example, EXAMPLES, get_path
 
@@ -308,3 +310,61 @@ def test_vmap(client, ex, inputs, example, transport):
         g_ref = ex.fn(ex.ref, inputs, wrt)
         want = jax.tree.map(lambda *ys: jnp.stack(ys), *[g_ref(p) for p in points])
         assert_close(got, want, ex, f"vmap wrt {wrt}")
+
+
+#
+# lineax: the Jacobian as an operator, solved on the server where it can be
+#
+
+
+@parametrize_transport
+@parametrize_example
+def test_onserver_least_squares(client, ex, inputs, example, transport):
+    """`tlx.OnServer(lx.Normal(lx.CG))` on each derivative, as a
+    `TesseractJacobianOperator`: the minimum-norm least-squares solution of `J x = b`
+    (wide or tall), against pure JAX's `lstsq` of the reference's Jacobian. One
+    `/linear_solve` where the server offers it (tesseract-lx, for a Tesseract with a
+    JVP); elsewhere the same solve runs here, and `client.decisions` says why. (Not
+    LSMR: lineax's fails on float32 vectors under x64, in pure JAX too. A derivative
+    whose Jacobian is rank-deficient is left out: its normal equations are singular,
+    and lineax's `Normal` needs full rank.)"""
+    f = tlx.TesseractModule(client)
+    jax.block_until_ready(f(inputs))  # the output shapes, without `/abstract_eval`
+    tol = max(ex.rtol, 1e-10)
+    solver = tlx.OnServer(lx.Normal(lx.CG(rtol=tol, atol=tol)))
+    # In process is the tesseract-lx app too.
+    on_server = transport != "stock" and client.schema.has("linear_solve")
+    solved = 0
+    for i, wrt in enumerate(ex.wrt):
+        x0 = jnp.asarray(get_path(inputs, wrt))
+
+        def g_ref(x, wrt=wrt):
+            out = ex.fn(ex.ref, inputs, wrt)(x.reshape(x0.shape).astype(x0.dtype))
+            return ravel_pytree(out if len(ex.of) > 1 else out[ex.of[0]])[0]
+
+        M = jax.jacfwd(g_ref)(x0.reshape(-1).astype(jnp.float64))
+        if jnp.linalg.matrix_rank(M) < min(M.shape):
+            continue
+        J = tlx.TesseractJacobianOperator(f, inputs, wrt=wrt, of=ex.of)
+        b = jax.tree.map(
+            lambda s: _like(jnp.zeros(s.shape, s.dtype), 20 + i), J.out_structure()
+        )
+        flat_b, _ = ravel_pytree(b)
+        want = jnp.linalg.lstsq(M, flat_b.astype(jnp.float64))[0]
+        client.stats.clear()
+        client.decisions.clear()
+        got = lx.linear_solve(J, b, solver, throw=False)
+        assert got.result == lx.RESULTS.successful, f"{ex.name} wrt {wrt}"
+        flat, _ = ravel_pytree(got.value)
+        scale = max(float(jnp.linalg.norm(want)), 1.0)
+        np.testing.assert_allclose(
+            flat, want, rtol=0, atol=1e3 * tol * scale, err_msg=f"{ex.name} {wrt}"
+        )
+        local = [d.chosen for d in client.decisions if d.kind == "linear_solve"]
+        if on_server:
+            assert client.stats == {"linear_solve": 1}, f"{ex.name} wrt {wrt}"
+        else:
+            assert "linear_solve" not in client.stats, f"{ex.name} wrt {wrt}"
+            assert local == ["local"], f"{ex.name} wrt {wrt}"
+        solved += 1
+    assert solved, f"{ex.name}: no derivative of full rank to solve with"
