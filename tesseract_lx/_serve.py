@@ -13,10 +13,13 @@ private empty folder unless the user names one.
 
 **Cleanup.** The temporary folder, the log file and the child (its whole process
 group) go on every way out: startup failure, timeout, an exception in the `with`
-block, Ctrl-C.
+block, Ctrl-C. On Linux the child also goes when this process dies without running
+any of that (SIGKILL, a crash): a launcher asks the kernel for a SIGTERM on the
+parent's death (`PR_SET_PDEATHSIG`) and then execs the server, whichever it is.
 """
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -45,6 +48,27 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 # uvicorn's startup line, with the port it bound (the real one, for port 0).
 _RUNNING = re.compile(rb"Uvicorn running on https?://\S+:(\d+) ")
+
+
+# Run in the child before the server: SIGTERM when the parent dies (the setting
+# survives `exec`); if the parent is already gone, stop at once.
+_LAUNCH = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("tesseract_lx: the process that started this server is gone")
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _die_with_parent(cmd: list[str]) -> list[str]:
+    """`cmd`, launched so that it gets SIGTERM when this process dies (Linux). A
+    program that is not there is a `FileNotFoundError` here, as `Popen`'s own."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    if shutil.which(cmd[0]) is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), cmd[0])
+    return [sys.executable, "-c", _LAUNCH, str(os.getpid()), *cmd]
 
 
 def _command(server: str, path: Path, host: str, port: int, workers: int, cache: bool):
@@ -204,7 +228,7 @@ def serve(
         )
         log = open(tmp / "server.log", "a+b")  # noqa: SIM115 - closed in finally
         proc = subprocess.Popen(
-            cmd,
+            _die_with_parent(cmd),
             cwd=path.parent,
             env=env,
             stdout=log,

@@ -14,6 +14,8 @@ import http.server
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -26,6 +28,7 @@ import numpy as np
 import optimistix as optx
 import orjson
 import pytest
+import requests
 import tesseract_lx as tlx
 from tesseract_lx._errors import TesseractTimeoutError
 from tesseract_lx._serve import free_port
@@ -496,3 +499,58 @@ def test_killed_with_its_workers_orphaned():
     # SIGKILLed: gone as soon as the kernel has finished them.
     assert eventually(lambda: not alive_in_group(leader))
     assert set(children()) <= set(before)
+
+
+_PARENT = """
+import sys, time
+import tesseract_lx as tlx
+
+with tlx.serve(sys.argv[1], server=sys.argv[2], workers=int(sys.argv[3])) as client:
+    print(client.urls[0], flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize(
+    "server,workers", [("tesseract-lx", 2), ("tesseract-runtime", 1)]
+)
+def test_a_killed_parent_takes_its_server_along(server, workers):
+    """The process that started a server is SIGKILLed (no `finally`, no handler
+    runs): the kernel's SIGTERM on its death stops the server and its workers."""
+    env = {**os.environ, "PYTHONPATH": str(Path(tlx.__file__).parents[1])}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, str(STALLING), server, str(workers)],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    leader = None
+    try:
+        assert parent.stdout is not None
+        url = parent.stdout.readline().decode().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        (leader,) = [
+            int(d.name)
+            for d in Path("/proc").iterdir()
+            if d.name.isdigit() and _ppid(d) == parent.pid
+        ]
+        assert len(alive_in_group(leader)) >= workers
+        assert requests.get(f"{url}/health", timeout=10).ok
+        parent.kill()
+        parent.wait(timeout=10)
+        assert eventually(lambda: not alive_in_group(leader), timeout=30)
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{url}/health", timeout=5)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(timeout=10)
+        if leader is not None:  # whatever the test found, nothing stays behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(leader, signal.SIGKILL)
+
+
+def _ppid(d: Path) -> int | None:
+    try:
+        return int((d / "stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
