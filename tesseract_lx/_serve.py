@@ -15,9 +15,12 @@ private empty folder unless the user names one.
 group) go on every way out: startup failure, timeout, an exception in the `with`
 block, Ctrl-C. On Linux the child also goes when this process dies without running
 any of that (SIGKILL, a crash): a launcher asks the kernel for a SIGTERM on the
-parent's death (`PR_SET_PDEATHSIG`) and then execs the server, whichever it is.
+parent's death (`PR_SET_PDEATHSIG`) and then execs the server, whichever it is. The
+kernel ties that to the thread that forked, so every server is forked from one
+thread that lives as long as the process.
 """
 
+import concurrent.futures
 import contextlib
 import errno
 import os
@@ -59,6 +62,13 @@ if os.getppid() != int(sys.argv[1]):
     sys.exit("tesseract_lx: the process that started this server is gone")
 os.execvp(sys.argv[2], sys.argv[2:])
 """
+
+
+# The kernel sends the parent-death signal when the *thread* that forked the child
+# ends, not the process: every server is forked from this one thread, which lives
+# as long as the process (a server started from a short-lived thread, as a pool of
+# them, must not stop with it).
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tlx-spawn")
 
 
 def _die_with_parent(cmd: list[str]) -> list[str]:
@@ -227,7 +237,8 @@ def serve(
             PYTHONUNBUFFERED="1",
         )
         log = open(tmp / "server.log", "a+b")  # noqa: SIM115 - closed in finally
-        proc = subprocess.Popen(
+        proc = _SPAWNER.submit(
+            subprocess.Popen,
             _die_with_parent(cmd),
             cwd=path.parent,
             env=env,
@@ -235,7 +246,7 @@ def serve(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-        )
+        ).result()
         port = _ready(proc, log, path, host, port, startup_timeout)
         client = Client(f"http://{host}:{port}", timeout=timeout, workers=workers)
         yield client

@@ -554,3 +554,21 @@ def _ppid(d: Path) -> int | None:
         return int((d / "stat").read_text().rpartition(")")[2].split()[1])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def test_a_server_started_in_a_thread_that_ends_keeps_serving():
+    """The parent-death signal is the forking thread's: a server started from a
+    thread that then ends (a pool starting several at once) must not go with it."""
+    with contextlib.ExitStack() as stack:
+        started = {}
+        thread = threading.Thread(
+            target=lambda: started.update(
+                client=stack.enter_context(tlx.serve(STALLING))
+            )
+        )
+        thread.start()
+        thread.join()
+        client = started["client"]
+        time.sleep(1.0)  # a signal would have landed by now
+        assert client.health()["status"] == "ok"
+        assert client.request("apply", INPUTS)["y"].shape == (N,)
