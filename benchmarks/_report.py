@@ -1,12 +1,26 @@
 """What every benchmark script shares: progress lines, the machine and versions."""
 
+import contextlib
 import os
 import platform
+import signal
 import subprocess
 from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started in a session of its own, its whole process group with
+    it: asked first, killed if it has not gone within 10 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def log(*args) -> None:

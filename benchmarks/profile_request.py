@@ -85,7 +85,6 @@ import platform
 import pstats
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -117,6 +116,8 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 )
+
+from _report import stop_group  # noqa: E402
 
 
 # --- timing records, shared by both ends ---------------------------------------------
@@ -603,13 +604,7 @@ def child_server(kind: str):
                 time.sleep(0.1)
             yield url, json.loads(missing)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc)
             shutil.rmtree(tmp, ignore_errors=True)
 
 

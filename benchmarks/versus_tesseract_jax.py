@@ -34,7 +34,6 @@ that raises gets its error text in `note`.
 import argparse
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +50,7 @@ import optimistix as optx
 import requests
 import tesseract_core
 from _peer import counted
+from _report import stop_group
 from _scenarios import failure
 from tesseract_core import Tesseract
 
@@ -170,13 +170,7 @@ def stock_server(api: Path):
                     time.sleep(0.2)
                 yield url
             finally:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                stop_group(proc)
 
 
 def run(scenario, f):
