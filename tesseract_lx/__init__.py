@@ -13,6 +13,7 @@ from ._batching import (
 )
 from ._client import Client as Client
 from ._errors import (
+    FallbackWarning as FallbackWarning,
     TesseractConnectionError as TesseractConnectionError,
     TesseractDtypeError as TesseractDtypeError,
     TesseractError as TesseractError,

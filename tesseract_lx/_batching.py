@@ -25,6 +25,7 @@ import math
 
 import equinox as eqx
 
+from ._fallback import fall_back, first_time
 from ._wire.spec import APPLY, BATCHED_APPLY, JACOBIAN
 
 
@@ -238,8 +239,8 @@ def estimate_costs(
     for rule in available(client, kind):
         if rule == "sequential":
             costs[rule] = k * one
-        elif rule == "concurrent" and client.parallelism > 1:
-            costs[rule] = math.ceil(k / client.parallelism) * one
+        elif rule == "concurrent" and client.parallelism_for(kind) > 1:
+            costs[rule] = math.ceil(k / client.parallelism_for(kind)) * one
         elif rule == "jacobian":
             fetch = lat.get(JACOBIAN, size)
             if fetch is None:
@@ -288,9 +289,19 @@ def decide(
         costs.pop("jacobian", None)
     if kind == APPLY:
         # Points: one batched request beats any number of round trips; a stock
-        # server gets them in flight at once when it has the workers.
+        # server gets them in flight at once when it has the workers. Chosen by
+        # what the server serves, never by timings: the same requests on every run.
         costs = {r: c for r, c in costs.items() if r != "jacobian"}
-    elif k == 1 and client.schema.has(kind):
+        chosen = next(r for r in ("batched", "concurrent", "sequential") if r in costs)
+        return Decision(
+            kind,
+            k,
+            chosen,
+            costs,
+            (f"`{named}` is not served here; " if named else "")
+            + f"K={k} points: `{chosen}`, the fewest round trips the server allows",
+        )
+    if k == 1 and client.schema.has(kind):
         # One tangent: the plain endpoint. Only on a stock server, whose single
         # requests can be slow for reasons of its own (several workers without
         # `TCP_NODELAY`: ~40 ms each), may the whole Jacobian replace it, and only
@@ -329,17 +340,27 @@ def plan(
     was one to make (not for a lone item sent as it is, nor for a rule followed as
     asked), so that `client.decisions` is not flooded by a local Krylov loop."""
     decision = decide(client, rule, kind, k, n_in, n_out, size, basis)
-    as_asked = isinstance(rule, Sequential | Concurrent | Jacobian | Batched) and (
-        _name(rule) == decision.chosen
-    )
-    if not as_asked and not (k == 1 and decision.chosen == "sequential"):
+    named = _name(rule)
+    if kind == APPLY and named == "jacobian":
+        named = None  # `Jacobian` sends points as `Auto` does: its documented rule
+    if named is not None and named != decision.chosen:
+        # A rule asked for by name that the server cannot serve: warned once per
+        # client, kind and rule (the plan is made per call until it is traced).
+        if first_time(client, (kind, rule, decision.chosen)):
+            fall_back(client, decision, stacklevel=2)
+        else:
+            client.decisions.append(decision)
+    elif named is None and not (k == 1 and decision.chosen == "sequential"):
         client.decisions.append(decision)
         logger.debug(
             "auto picked %s for %s: %s", decision.chosen, kind, decision.reason
         )
     in_flight = 1
     if decision.chosen in ("concurrent", "batched"):
-        in_flight = client.parallelism
+        batched = BATCHED_APPLY if kind == APPLY else f"batched_{kind}"
+        in_flight = client.parallelism_for(
+            kind if decision.chosen == "concurrent" else batched
+        )
         if isinstance(rule, Concurrent) and rule.max_in_flight is not None:
             in_flight = rule.max_in_flight
     max_batch = client.capabilities.max_batch
@@ -349,7 +370,11 @@ def plan(
 
 
 def _name(rule: AbstractBatching) -> str | None:
+    """The built-in rule `rule` is (a subclass of one is that rule); `None` for
+    `Auto` and for a rule of the user's own."""
+    if isinstance(rule, Auto):
+        return None
     for name, cls in _SHORTHANDS.items():
-        if type(rule) is cls and cls is not Auto:
+        if isinstance(rule, cls):
             return name
     return None

@@ -490,6 +490,7 @@ def run_solve(
     primals: list,
     rhs: list,
     *,
+    y0: list | None = None,
     wrt,
     of,
     rhs_paths,
@@ -508,7 +509,9 @@ def run_solve(
     """
     base = [leaf.shape for leaf in call.inputs]
     rhs_base = [tuple(shape) for shape in rhs_shapes]
-    arrays, shapes = [*primals, *rhs], [*base, *rhs_base]
+    sol_base = [tuple(s.shape) for s in sol_structs]
+    arrays = [*primals, *rhs, *(y0 or [])]
+    shapes = [*base, *rhs_base, *(sol_base if y0 else [])]
     lead = np.broadcast_shapes(
         *(a.shape[: a.ndim - len(shape)] for a, shape in zip(arrays, shapes))
     )
@@ -519,6 +522,11 @@ def run_solve(
     ]
     flat_r = [
         np.broadcast_to(r, (*lead, *b)).reshape(k, *b) for r, b in zip(rhs, rhs_base)
+    ]
+    # An initial guess per right-hand side (`options["y0"]`), broadcast as they are.
+    flat_y0 = [
+        np.broadcast_to(y, (*lead, *s.shape)).reshape(k, *s.shape)
+        for y, s in zip(y0 or [], sol_structs)
     ]
     batched = [True] * len(flat_p)
     _, groups = _groups(flat_p, batched, len(flat_p))
@@ -535,6 +543,8 @@ def run_solve(
             "solver": spec,
             "tags": tags,
         }
+        if flat_y0:
+            payload["y0"] = {p: y[idx] for p, y in zip(sol_paths, flat_y0)}
         answer = call.client.request(
             LINEAR_SOLVE, payload, size=_size(point), k=len(idx)
         )

@@ -122,3 +122,14 @@ def from_response(endpoint: str, status: int, body: bytes, url: str) -> Tesserac
 
 class TesseractNonFiniteError(TesseractError, FloatingPointError):
     """An answer held NaN or Inf, and the call was made with `check_finite=True`."""
+
+
+class FallbackWarning(UserWarning):
+    """tesseract_lx did the nearest correct thing instead of what was asked: a solve
+    `tlx.OnServer` ran locally, a batching rule the server does not serve gave way to
+    another. The same numbers, by other requests. Each is also a
+    [`tlx.Decision`][tesseract_lx.Decision] in `client.decisions`, with the reason.
+    Warned once per compiled call (when it is traced); turn it into an error with
+    `warnings.simplefilter("error", tlx.FallbackWarning)`, or pass
+    `allow_local=False` to `tlx.OnServer`.
+    """

@@ -109,6 +109,16 @@ class TesseractModule(eqx.Module):
         """The Tesseract's interface as the client read it from `/openapi.json`."""
         return self.client.schema
 
+    def with_batching(self, batching: AbstractBatching | str) -> "TesseractModule":
+        """The same module, every other setting kept, with another batching rule."""
+        return TesseractModule(
+            self.client,
+            batching,
+            strict_dtype=self.strict_dtype,
+            vmap_method=self.vmap_method,
+            check_finite=self.check_finite,
+        )
+
     def prepare(self, inputs: Any) -> tuple[Call, list]:
         """Check `inputs` against the schema: the call's static part, and operands.
 

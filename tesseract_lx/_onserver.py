@@ -24,9 +24,11 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
+from . import _linear_map as linear_map
 from ._batching import Decision
+from ._fallback import fall_back
 from ._operator import AbstractTesseractOperator, pack, unpack
-from ._primitive import jvp_p, vjp_p
+from ._primitive import jvp_p
 from ._wire import solvers
 from ._wire.spec import LINEAR_SOLVE, VJP
 
@@ -66,12 +68,29 @@ class _Target(eqx.Module):
         )
 
 
-def _target(operator: Any) -> _Target | None:
-    """The Jacobian behind `operator`, if it is one Tesseract's on a server with
-    `/linear_solve`: a `TesseractJacobianOperator`, a `TesseractLinearOperator` (its
-    Jacobian is the operator, at any point), or a lineax operator whose map is
-    a single Tesseract JVP (or VJP) of its whole input, as optimistix builds them
-    (`jax.linearize` of a `tlx.residual_fn`). `None` otherwise."""
+def _tags(operator: Any) -> frozenset:
+    return frozenset(tag for tag, pred in _PREDICATES.items() if pred(operator))
+
+
+_PREDICATES = {
+    lx.symmetric_tag: lx.is_symmetric,
+    lx.positive_semidefinite_tag: lx.is_positive_semidefinite,
+    lx.negative_semidefinite_tag: lx.is_negative_semidefinite,
+}
+
+
+def _target(operator: Any) -> tuple[_Target | None, str, Any]:
+    """`(target, why not, client)`: the Jacobian behind `operator` if it is one
+    Tesseract's, else `None` and the reason; and the Tesseract's client where one
+    is involved (to record the decision in).
+
+    A `TesseractJacobianOperator` or `TesseractLinearOperator` (whose Jacobian is the
+    operator, at any point) is one; any other operator is one when its `mv` traces to
+    a single Tesseract JVP (or VJP) from its whole input to its whole output, at a
+    point that does not depend on the input: what optimistix builds from a
+    `tlx.residual_fn` (`jax.linearize`, `lx.JacobianLinearOperator`), whatever other
+    outputs and inputs the Tesseract has.
+    """
     if isinstance(operator, AbstractTesseractOperator):
         call, operands, _, _ = operator._call()
         ins, outs = operator._structure
@@ -85,68 +104,52 @@ def _target(operator: Any) -> _Target | None:
             frozenset(operator.tags),
             operator.transposed,
         )
-    else:
-        if isinstance(operator, lx.JacobianLinearOperator):
-            operator = lx.linearise(operator)
-        if not isinstance(operator, lx.FunctionLinearOperator):
-            return None
-        target = _from_jaxpr(operator)
-        if target is None:
-            return None
-    return target if target.call.client.schema.has(LINEAR_SOLVE) else None
+        return target, "", call.client
+    return _from_jaxpr(operator)
 
 
-def _from_jaxpr(operator: lx.FunctionLinearOperator) -> _Target | None:
-    """A `FunctionLinearOperator` whose (closure-converted) map is exactly one
-    `tesseract_jvp` or `tesseract_vjp` equation from its inputs to its outputs."""
-    fn = operator.fn
-    closed = getattr(fn, "jaxpr", None)
-    consts = getattr(fn, "consts", None)
-    if closed is None or consts is None:
-        return None
-    jaxpr = getattr(closed, "jaxpr", closed)
-    if len(jaxpr.eqns) != 1:
-        return None
-    (eqn,) = jaxpr.eqns
-    if eqn.primitive not in (jvp_p, vjp_p) or any(eqn.params["batched"]):
-        return None
+def _from_jaxpr(operator: lx.AbstractLinearOperator) -> tuple[_Target | None, str, Any]:
+    one, why, client = linear_map.read(operator.mv, operator.in_structure())
+    if one is None:
+        return None, why, client
+    eqn = one.eqn
     call = eqn.params["call"]
-    n = len(call.in_paths)
-    if list(eqn.invars[n:]) != list(jaxpr.invars) or list(eqn.outvars) != list(
-        jaxpr.outvars
-    ):
-        return None
-    values = dict(zip(jaxpr.constvars, consts))
-    operands = []
-    for v in eqn.invars[:n]:
-        if isinstance(v, jax.extend.core.Literal):
-            operands.append(v.val)
-        elif v in values:
-            operands.append(values[v])
-        else:
-            return None  # the point depends on the operator's input: not linear
     if eqn.primitive is jvp_p:
         src, dst, transposed = eqn.params["jvp_in"], eqn.params["jvp_out"], False
+        src_names, dst_names = call.in_paths, call.out_paths
     else:
-        src, dst, transposed = eqn.params["vjp_in"], eqn.params["vjp_out"], True
-    wrt = tuple(call.in_paths[i] for i in src)
-    of = tuple(call.out_paths[j] for j in dst)
-    struct = lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)  # noqa: E731
-    ins = tuple(struct(call.inputs[i]) for i in src)
-    outs = tuple(struct(call.outputs[j]) for j in dst)
-    # The operator's vectors must be what `_solve` packs: a bare array for one path,
-    # else a dict keyed by path (JAX flattens it by sorted key: the eqn's order).
+        src, dst, transposed = eqn.params["vjp_out"], eqn.params["vjp_in"], True
+        src_names, dst_names = call.out_paths, call.in_paths
+    # Name every leaf of the operator's vectors by the Tesseract path it stands for.
+    in_names = tuple(src_names[src[m]] for m in one.inputs)
+    out_names = tuple(dst_names[dst[m]] for m in one.outputs)
     structures = (operator.in_structure(), operator.out_structure())
-    sides = (of, wrt) if transposed else (wrt, of)
-    for names, structure in zip(sides, structures):
-        if len(names) == 1:
-            ok = not isinstance(structure, dict | list | tuple)
-        else:
-            ok = isinstance(structure, dict) and sorted(structure) == list(names)
-        if not ok:
-            return None
-    tags = frozenset(operator.tags)
-    return _Target(call, operands, wrt, of, ins, outs, tags, transposed)
+    for names, structure in zip((in_names, out_names), structures):
+        if not _packed(structure, names):
+            why = (
+                "the operator's vectors are not the Tesseract's arrays (a bare array "
+                "for one path, else a dict keyed by path)"
+            )
+            return None, why, client
+    wrt, of = (out_names, in_names) if transposed else (in_names, out_names)
+    struct = lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)  # noqa: E731
+    leaves = {leaf.path: leaf for leaf in (*call.inputs, *call.outputs)}
+    ins = tuple(struct(leaves[p]) for p in wrt)
+    outs = tuple(struct(leaves[p]) for p in of)
+    tags = _tags(operator)
+    return _Target(call, one.point, wrt, of, ins, outs, tags, transposed), "", client
+
+
+def _packed(structure: Any, names: tuple[str, ...]) -> bool:
+    """Whether `structure` is what `pack(names, ...)` makes: the bare array for one
+    path, else a dict keyed by path (whose leaves JAX orders by sorted key)."""
+    if len(names) == 1:
+        return isinstance(structure, jax.ShapeDtypeStruct)
+    return (
+        isinstance(structure, dict)
+        and tuple(sorted(structure)) == names
+        and all(isinstance(s, jax.ShapeDtypeStruct) for s in structure.values())
+    )
 
 
 class OnServer(lx.AbstractLinearSolver):
@@ -156,70 +159,76 @@ class OnServer(lx.AbstractLinearSolver):
 
     - `solver`: a lineax iterative solver: `lx.GMRES`, `lx.BiCGStab`, `lx.CG`,
         `lx.LSMR`, or `lx.Normal` of one of them, with lineax's default norm.
+    - `allow_local`: where the solve cannot go to the server, run `solver` here
+        (`True`, the default: the same numbers, one request per mat-vec, with a
+        `tlx.FallbackWarning` and a `Decision`) or raise a `ValueError` saying why
+        (`False`).
 
     Used as any lineax solver: `lx.linear_solve(J, b, tlx.OnServer(lx.GMRES(...)))`,
     `optx.Newton(..., linear_solver=tlx.OnServer(...))`. The solve goes to the server
     for a `TesseractJacobianOperator`, a `TesseractLinearOperator` (whose Jacobian is
-    the operator), their transposes, and the operators optimistix builds from a
-    `tlx.residual_fn`, on a `tesseract-lx serve` server; anything else runs `solver`
-    here, one request per mat-vec, and records a `Decision` with `chosen="local"` in
-    `client.decisions` where it knows the client (as the solve is traced: once per
-    compiled solve). A solve that fails on the
-    server (`max_steps` reached, breakdown) reports lineax's own result, so
-    `throw=True` raises lineax's error.
+    the operator), their transposes, and any lineax operator whose `mv` is one
+    Tesseract JVP or VJP at a fixed point: the operators optimistix builds from a
+    `tlx.residual_fn`, whatever other inputs and outputs the Tesseract has.
+    `options={"y0": ...}` goes with it where the server says it takes one.
+
+    It runs `solver` here instead (as the solve is traced: once per compiled solve,
+    a `tlx.FallbackWarning`, and a `Decision` with `chosen="local"` and the reason in
+    `client.decisions` where a Tesseract is involved) for any other operator, a
+    server without `/linear_solve` (a stock `tesseract-runtime serve`), LSMR or
+    Normal where the server has no VJP to use inside its loop, a `preconditioner`
+    (an operator of this process), and options the server does not say it takes.
+
+    A solve that fails on the server (`max_steps` reached, breakdown) reports
+    lineax's own result, so `throw=True` raises lineax's error.
     """
 
     solver: lx.AbstractLinearSolver
+    allow_local: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         solvers.to_spec(self.solver)  # a TypeError naming the solvers that travel
+        if not isinstance(self.allow_local, bool):
+            raise TypeError(
+                f"`allow_local` must be True or False, got {self.allow_local!r}."
+            )
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
-        target = _target(operator)
-        client = _client(operator)
-        why = (
-            "the server does not offer `/linear_solve`, or the operator is not one "
-            "Tesseract's Jacobian"
-        )
-        if target is not None and _needs_transpose(self.solver):
-            client = target.call.client
-            function = client.capabilities.mode(LINEAR_SOLVE) == "function"
-            if function and not client.schema.has(VJP):
-                # The server's loop calls the Tesseract's own functions, and
-                # LSMR and Normal need its VJP too.
-                why = (
-                    f"{type(self.solver).__name__} needs the transpose of the Jacobian "
-                    "inside the solve, and this server's `/linear_solve` calls the "
-                    "Tesseract's own functions (mode `function`), which have no "
-                    "`vector_jacobian_product`"
-                )
-                target = None
+        target, why, client = _target(operator)
         if target is not None:
+            why = _refusal(target, self.solver, options)
+        if not why:
             return target, None
-        if client is not None:
-            reason = f"the solve runs here, one request per mat-vec: {why}"
-            client.decisions.append(Decision(LINEAR_SOLVE, 1, "local", {}, reason))
+        name = type(self.solver).__name__
+        if not self.allow_local:
+            raise ValueError(
+                f"`tlx.OnServer({name}(...), allow_local=False)` cannot send this "
+                f"solve to the server: {why}."
+            )
+        reason = f"`OnServer({name})` solves here, one request per mat-vec: {why}"
+        fall_back(client, Decision(LINEAR_SOLVE, 1, "local", {}, reason), stacklevel=5)
         return None, self.solver.init(operator, options)
 
     def compute(self, state, vector, options: dict[str, Any]):
         operator, local = state
         if operator is None:
             return self.solver.compute(local, vector, options)
-        return _solve(operator, vector, self.solver)
+        return _solve(operator, vector, self.solver, options.get("y0"))
 
     def transpose(self, state, options: dict[str, Any]):
         operator, local = state
         if operator is None:
             local, options = self.solver.transpose(local, options)
             return (None, local), options
-        return (operator.T, None), options
+        # As lineax's solvers: an initial guess does not carry over to the transpose.
+        return (operator.T, None), {}
 
     def conj(self, state, options: dict[str, Any]):
         operator, local = state
         if operator is None:
             local, options = self.solver.conj(local, options)
             return (None, local), options
-        return state, options  # Tesseracts compute over the reals
+        return state, options  # a Tesseract's Jacobian is real (complex is refused)
 
     def assume_full_rank(self) -> bool:
         return self.solver.assume_full_rank()
@@ -230,14 +239,42 @@ def _needs_transpose(solver: Any) -> bool:
     return isinstance(solver, lx.LSMR | lx.Normal)
 
 
-def _client(operator: Any) -> Any:
-    """The client of a Tesseract operator, to record a decision in; else `None`."""
-    if isinstance(operator, AbstractTesseractOperator):
-        return operator.module.client
-    return None
+def _refusal(target: _Target, solver: Any, options: dict[str, Any]) -> str:
+    """Why this solve cannot go to the target's server; `""` if it can."""
+    client = target.call.client
+    if not client.schema.has(LINEAR_SOLVE):
+        return (
+            "the server does not offer `/linear_solve` (a stock `tesseract-runtime "
+            "serve`; `tesseract-lx serve` does)"
+        )
+    if _needs_transpose(solver):
+        function = client.capabilities.mode(LINEAR_SOLVE) == "function"
+        if function and not client.schema.has(VJP):
+            # The server's loop calls the Tesseract's own functions, and LSMR and
+            # Normal need its VJP too.
+            return (
+                f"{type(solver).__name__} needs the transpose of the Jacobian inside "
+                "the solve, and this server's `/linear_solve` calls the Tesseract's "
+                "own functions (mode `function`), which have no "
+                "`vector_jacobian_product`"
+            )
+    if "preconditioner" in options:
+        return (
+            "`options['preconditioner']` is an operator of this process, which the "
+            "server cannot apply"
+        )
+    taken = set(getattr(client.capabilities, "linear_solve_options", ()))
+    unsent = sorted(set(options) - taken)
+    if unsent:
+        said = ", ".join(f"`{o}`" for o in sorted(taken)) or "none"
+        return (
+            f"the server does not say it takes the option(s) "
+            f"{', '.join(f'`{o}`' for o in unsent)} (it takes: {said})"
+        )
+    return ""
 
 
-def _solve(target: _Target, vector: Any, solver: Any):
+def _solve(target: _Target, vector: Any, solver: Any, y0: Any = None):
     """One `/linear_solve` request: `(solution, result, stats)` as lineax wants."""
     call, operands = target.call, target.operands
     ins, outs = target.ins, target.outs
@@ -249,9 +286,10 @@ def _solve(target: _Target, vector: Any, solver: Any):
         rhs_paths, sol_paths = target.of, target.wrt
         rhs_structs, sol_structs = outs, ins
     rhs = unpack(rhs_paths, vector, rhs_structs)
+    guess = [] if y0 is None else _initial_guess(y0, sol_paths, sol_structs)
     spec = solvers.to_spec(solver)
     tags = sorted(name for tag, name in _TAGS.items() if tag in target.tags)
-    n_operands = len(operands)
+    n_operands, n_rhs = len(operands), len(rhs)
     result_shapes = (
         *(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in sol_structs),
         jax.ShapeDtypeStruct((), jnp.int32),
@@ -261,10 +299,12 @@ def _solve(target: _Target, vector: Any, solver: Any):
     def host(*arrays):
         from ._dispatch import run_solve
 
+        arrays = [np.asarray(a) for a in arrays]
         return run_solve(
             call,
-            [np.asarray(a) for a in arrays[:n_operands]],
-            [np.asarray(a) for a in arrays[n_operands:]],
+            arrays[:n_operands],
+            arrays[n_operands : n_operands + n_rhs],
+            y0=arrays[n_operands + n_rhs :] or None,
             wrt=target.wrt,
             of=target.of,
             rhs_paths=rhs_paths,
@@ -277,7 +317,7 @@ def _solve(target: _Target, vector: Any, solver: Any):
         )
 
     *solution, code, steps = jax.pure_callback(
-        host, result_shapes, *operands, *rhs, vmap_method="expand_dims"
+        host, result_shapes, *operands, *rhs, *guess, vmap_method="expand_dims"
     )
     result = lx.RESULTS.successful
     for i, name in enumerate(solvers.RESULTS_NAMES):
@@ -285,3 +325,21 @@ def _solve(target: _Target, vector: Any, solver: Any):
         result = lx.RESULTS.where(code == i, item, result)
     value = pack(sol_paths, list(solution))
     return value, result, {"num_steps": steps}
+
+
+def _initial_guess(y0: Any, paths: tuple[str, ...], structs: tuple) -> list:
+    """`options["y0"]`'s leaves; refused as lineax refuses it unless it has the
+    solution's structure, shapes and dtypes."""
+    want = pack(paths, list(structs))
+    got = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), y0
+    )
+    if jax.tree.structure(got) != jax.tree.structure(want) or any(
+        (a.shape, a.dtype) != (b.shape, b.dtype)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    ):
+        raise ValueError(
+            "`y0` must have the same structure, shape, and dtype as the solution "
+            f"(expected {want}, got {got})."
+        )
+    return [y0] if len(paths) == 1 else [y0[p] for p in paths]

@@ -20,7 +20,7 @@ from jaxtyping import Array, Float, PyTree
 from ._batching import available
 from ._call import Call
 from ._module import TesseractModule
-from ._primitive import apply_p, jvp_p, vjp_p
+from ._primitive import apply_p, jvp_p, refuse_complex, vjp_p
 from ._wire import paths
 from ._wire.schema import ArrayNode, differentiable_patterns, node_at
 from ._wire.spec import JVP, VJP
@@ -165,8 +165,7 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
         client = self.module.client
         rules = available(client, kind) or available(client, other)
         rule = next((r for r in ("jacobian", "batched") if r in rules), call.batching)
-        module = TesseractModule(client, rule, strict_dtype=self.module.strict_dtype)
-        op = _replace(self, module=module)
+        op = _replace(self, module=self.module.with_batching(rule))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.in_structure())
         flat, unravel = jfu.ravel_pytree(zeros)
         basis = jax.vmap(unravel)(jnp.eye(flat.size, dtype=flat.dtype))
@@ -188,6 +187,7 @@ def _structure(module: TesseractModule, inputs: dict, wrt, of) -> tuple:
                 f"are: {paths.describe(differentiable_patterns(outputs))}."
             )
     of_i = _index("of", of, call.out_paths, frozenset(call.diff_out))
+    refuse_complex([call.inputs[i] for i in wrt_i] + [call.outputs[j] for j in of_i])
     struct = lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
     ins = tuple(struct(call.inputs[i]) for i in wrt_i)
     outs = tuple(struct(call.outputs[j]) for j in of_i)
@@ -351,7 +351,7 @@ for _fn, _tags in (
 
 @lx.conj.register(AbstractTesseractOperator)
 def _(operator):
-    # Tesseracts compute over the reals.
+    # Real: an operator over complex arrays is refused when it is built.
     return operator
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching, mlir, partial_eval as pe
 
 from . import _dispatch
 from ._call import Call
@@ -61,6 +61,24 @@ def _with_batch(avals, k: int | None):
     return [a.update(shape=(k, *a.shape)) for a in avals]
 
 
+def refuse_complex(leaves) -> None:
+    """Refuse derivatives through complex arrays, before any request.
+
+    JAX's VJP of a complex map is its transpose, not its conjugate transpose, and a
+    Tesseract's hand-written VJP may follow either convention; its schema does not
+    say which. A wrong convention gives wrong numbers without an error, so none is
+    assumed."""
+    bad = [leaf for leaf in leaves if np.dtype(leaf.dtype).kind == "c"]
+    if bad:
+        names = ", ".join(f"`{leaf.path}` ({leaf.dtype})" for leaf in bad)
+        raise TypeError(
+            f"Cannot differentiate through complex arrays: {names}. A Tesseract's "
+            "JVP and VJP of complex arrays may follow either convention (JAX's "
+            "transpose or the conjugate transpose) and its schema does not say which; "
+            "split the array into real and imaginary parts in the Tesseract's schema."
+        )
+
+
 #
 # apply_p
 #
@@ -87,10 +105,13 @@ def _apply_jvp(primals, tangents, *, call: Call, batched):
                 f"{paths.describe(diff)}."
             )
         nonzero.append(i)
+    refuse_complex([call.inputs[i] for i in nonzero])
     outs = apply_p.bind(*primals, call=call, batched=batched)
     out_tangents = [_zero(jax.typeof(o)) for o in outs]
+    # After the bind: an eager `/apply` has just taught the output structure.
     if not nonzero or not call.diff_out:
         return outs, out_tangents
+    refuse_complex([call.outputs[j] for j in call.diff_out])
     tans = [tangents[i] for i in nonzero]
     results = jvp_p.bind(
         *primals,
@@ -218,6 +239,29 @@ def _transpose(kind: str, cts, *args, call, batched, **params):
 
 ad.primitive_transposes[jvp_p] = functools.partial(_transpose, "jvp")
 ad.primitive_transposes[vjp_p] = functools.partial(_transpose, "vjp")
+
+
+#
+# Dead code: a (co)tangent nobody uses is not asked for.
+#
+
+
+def _linear_dce(sel_name: str, used_outs: list[bool], eqn):
+    """Keep the outputs in use: `jvp_out` (`vjp_in`) narrows to them, so the request
+    asks for those only (`jax.linearize` of `f(x)["r"]` otherwise asks for every
+    output of `f`, and `OnServer` cannot recognise the map as `d r / d x`)."""
+    if not any(used_outs):
+        return [False] * len(eqn.invars), None
+    if all(used_outs):
+        return [True] * len(eqn.invars), eqn
+    params = dict(eqn.params)
+    params[sel_name] = tuple(s for s, u in zip(params[sel_name], used_outs) if u)
+    outvars = [v for v, u in zip(eqn.outvars, used_outs) if u]
+    return [True] * len(eqn.invars), eqn.replace(outvars=outvars, params=params)
+
+
+pe.dce_rules[jvp_p] = functools.partial(_linear_dce, "jvp_out")
+pe.dce_rules[vjp_p] = functools.partial(_linear_dce, "vjp_in")
 
 
 #

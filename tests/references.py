@@ -77,3 +77,27 @@ def pytree_inputs(m: int = 5, seed: int = 0) -> dict[str, Any]:
         "offset": jnp.asarray(0.1 * rng.standard_normal(m), dtype=jnp.float64),
         "power": 2,
     }
+
+
+def _chain_laplacian(x: jax.Array) -> jax.Array:
+    """`tridiag(-1, 2, -1) @ x`, both ends fixed."""
+    out = 2 * x
+    out = out.at[1:].add(-x[:-1])
+    return out.at[:-1].add(-x[1:])
+
+
+def springs_ref(inputs: dict[str, Any]) -> dict[str, Any]:
+    x, k, c, f = inputs["x"], inputs["k"], inputs["c"], inputs["f"]
+    return {
+        "residual": k * _chain_laplacian(x) + c * x**3 - f,
+        "energy": 0.5 * k * x @ _chain_laplacian(x) + 0.25 * c * jnp.sum(x**4) - f @ x,
+    }
+
+
+def springs_inputs(n: int = 16) -> dict[str, Any]:
+    return {
+        "x": jnp.zeros(n, dtype=jnp.float64),
+        "k": jnp.asarray(1.0, dtype=jnp.float64),
+        "c": jnp.asarray(0.5, dtype=jnp.float64),
+        "f": jnp.linspace(0.1, 1.0, n, dtype=jnp.float64),
+    }
