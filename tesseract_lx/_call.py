@@ -12,6 +12,7 @@ eager call is sent before anyone asks, so it never needs `/abstract_eval`.
 """
 
 import dataclasses
+import warnings
 from typing import Any, TYPE_CHECKING
 
 import numpy as np
@@ -20,7 +21,8 @@ from jax.core import ShapedArray
 from . import _shapes
 from ._client import Client
 from ._dtypes import check_precision
-from ._tree import build, flatten_inputs, json_number, Leaf, Template
+from ._tree import build, flatten_inputs, json_number, Leaf, Static, Template
+from ._wire import paths
 
 
 if TYPE_CHECKING:
@@ -37,8 +39,11 @@ class Call:
     # How a batch of primal points goes: "auto" (ours), or tesseract-jax's
     # `vmap_method` (`None`: refused; "sequential", "expand_dims", ...).
     points: str | None = "auto"
-    # Refuse answers holding NaN or Inf (`_dispatch.check_finite`).
+    # Refuse answers holding NaN or Inf (`_answers.check_finite`).
     check_finite: bool = False
+    # Warn where a traced `/apply` answers other static outputs than it was traced
+    # with (`check_static`).
+    check_static: bool = False
 
     def _key(self) -> tuple:
         return (
@@ -49,6 +54,7 @@ class Call:
             self.strict_dtype,
             self.points,
             self.check_finite,
+            self.check_static,
         )
 
     def __hash__(self) -> int:
@@ -122,8 +128,72 @@ def make_call(
     strict_dtype: bool,
     points: str | None = "auto",
     check_finite: bool = False,
+    check_static: bool = False,
 ) -> Call:
     """The call for these inputs. Sends nothing; refuses a server that computes
     below its declared precision (`_dtypes.check_precision`)."""
     check_precision(client, strict_dtype)
-    return Call(client, template, leaves, batching, strict_dtype, points, check_finite)
+    return Call(
+        client,
+        template,
+        leaves,
+        batching,
+        strict_dtype,
+        points,
+        check_finite,
+        check_static,
+    )
+
+
+def static_outputs(template: Template, path: str = "") -> list[tuple[str, Any]]:
+    """`(path, value)` of every static (non-array) value in an output template."""
+    kind, body = template
+    if kind == "value":
+        return [(path, body.value)]
+    if kind == "list":
+        items = [(paths.item(i), t) for i, t in enumerate(body)]
+    elif kind == "dict":
+        items = [(paths.key(k), t) for k, t in body]
+    elif kind == "model":
+        items = list(body)
+    else:
+        return []
+    return [
+        found
+        for segment, t in items
+        for found in static_outputs(t, paths.join(path, segment))
+    ]
+
+
+_ABSENT = object()
+
+
+def check_static(call: Call, response: Any) -> None:
+    """Warn about each static output of a traced `/apply` answer that differs from
+    the value the call was traced with (which is the one the caller holds), as
+    tesseract-jax's `check_static_outputs` does; only if the call asks to."""
+    if not call.check_static:
+        return
+    for path, traced in static_outputs(call.out_template):
+        try:
+            answered = paths.get(response, path) if path else response
+        except (KeyError, IndexError, TypeError):
+            answered = _ABSENT
+        if answered is not _ABSENT and Static(answered) == Static(traced):
+            continue
+        got = "nothing" if answered is _ABSENT else _show(answered)
+        warnings.warn(
+            f"The Tesseract's `/apply` answered the static output `{path}` with "
+            f"{got}, but the call was traced with {_show(traced)} (from an eager "
+            "call at the same shapes, or `/abstract_eval`): static outputs are fixed "
+            "when a call is traced, so the caller holds the traced value and the "
+            "answered one is ignored. Pass `check_static_outputs=False` to skip this "
+            "check.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,10 +1,13 @@
-"""`Client`: one Tesseract (or identical replicas of it), its schema, and what it cost.
+"""`Client`: the connection to one Tesseract (or identical replicas of it), and its
+schema.
 
 The client encodes payloads (tesseract-core's `json+base64` arrays), sends them
-through a transport (`_transport.py`: HTTP, or the server's app in this process),
-turns failures into `TesseractError`s that carry the server's words, and counts
-everything: `stats` (requests by endpoint), `latency` (what `Auto` estimates from),
-`decisions` (what `Auto` chose and why). One client is safe to share between threads.
+through a transport (`_transport.py`: HTTP, an app in this process, or a
+`tesseract_core.Tesseract`'s own methods) to the replica whose turn it is, and turns
+failures into `TesseractError`s that carry the server's words. What the requests cost
+and what was decided about them (`stats`, `latency`, `decisions`, ...) is its
+`Telemetry` (`_telemetry.py`), shown as the client's own attributes. One client is
+safe to share between threads.
 
 An answer is data, never code: arrays are decoded from base64 or JSON lists only (a
 `binref` array, which names a file, is refused: a server must not make the client read
@@ -16,11 +19,10 @@ not in an error, even when the server echoes them back.
 import base64
 import collections
 import concurrent.futures
-import itertools
 import os
 import re
 import threading
-import time
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -31,6 +33,8 @@ import orjson
 from ._errors import from_response, TesseractError, TesseractServerError
 from ._latency import Latencies
 from ._progress import Activity
+from ._replicas import merge
+from ._telemetry import LRU, Telemetry
 from ._transport import (
     ASGITransport,
     HTTPTransport,
@@ -44,34 +48,16 @@ from ._wire.schema import parse_openapi, Schema
 from ._wire.spec import Capabilities, COMPUTATIONAL
 
 
-class _LRU(collections.OrderedDict):
-    """A small bounded mapping for per-signature memos."""
-
-    def __init__(self, maxsize: int):
-        super().__init__()
-        self.maxsize = maxsize
-
-    def get_fresh(self, key: Any) -> Any:
-        value = self.pop(key, None)
-        if value is not None:
-            self[key] = value
-        return value
-
-    def put(self, key: Any, value: Any) -> None:
-        self.pop(key, None)
-        self[key] = value
-        while len(self) > self.maxsize:
-            self.popitem(last=False)
-
-
 class Client:
     """A connection to one Tesseract (or several identical replicas of it).
 
     **Arguments:**
 
     - `url`: the server's address, e.g. `"http://127.0.0.1:8000"`, or a list of
-        addresses of identical replicas: concurrent requests and batch chunks are
-        spread over them.
+        addresses of replicas of one Tesseract: concurrent requests and batch chunks
+        are spread over them. The replicas may be different servers (a
+        `tesseract-lx serve` and a stock one): each is asked what it serves, and a
+        request goes only to those that serve its endpoint.
     - `timeout`: seconds to wait for an answer once connected (the read timeout);
         no request hangs.
     - `connect_timeout`: seconds to wait for a connection: a dead host fails fast.
@@ -86,7 +72,7 @@ class Client:
         and by `Auto`'s cost model.
 
     The interface (shapes, dtypes, differentiable paths, endpoints, what the server
-    can do) is read from `/openapi.json` once, on first use.
+    can do) is read from `/openapi.json` once, on first use (of every replica).
 
     **Attributes:**
 
@@ -103,6 +89,9 @@ class Client:
         what [`tlx.progress`][tesseract_lx.progress] draws.
     - `latency`: measured seconds per request, by endpoint, size and batch: what
         [`tlx.Auto`][tesseract_lx.Auto] estimates from.
+    - `structures`: the output structure learnt per call signature (shapes and
+        dtypes), so that tracing sends nothing twice.
+    - `telemetry`: all of the above, with the methods that change them.
     """
 
     def __init__(
@@ -141,21 +130,21 @@ class Client:
         self._transports = transports
         self._secrets = secrets
         self._workers = workers
-        self.stats: collections.Counter[str] = collections.Counter()
-        # Requests in flight, their times and bytes: what `tlx.progress` shows.
-        self.activity = Activity()
-        self.latency = Latencies()
-        # What the `Auto` rule decided lately, and why (`tesseract_lx.Decision`).
-        self.decisions: collections.deque = collections.deque(maxlen=100)
-        # Output structures per call signature (`_shapes.py`).
-        self.structures = _LRU(512)
-        # The last failure, typed: under `jax.jit` only its text reaches the caller.
-        self.last_error: TesseractError | None = None
+        self.telemetry = Telemetry()
+        # The merged interface, and each replica's own, read once on first use.
         self._schema: Schema | None = None
+        self._schemas: tuple[Schema, ...] | None = None
+        self._schema_lock = threading.Lock()
+        # Endpoint -> the replicas that serve it (indices), for a pool.
+        self._routes: dict[str, tuple[int, ...]] = {}
         self._lock = threading.RLock()
-        self._next = itertools.count()
-        self._binary_replicas: dict[int, bool] = {}
+        # Whose turn it is, per endpoint: each endpoint's requests go round its
+        # own replicas, whatever other endpoints are asked in between.
+        self._turns: collections.Counter[str] = collections.Counter()
+        # The threads of `request_many`: as many as its calls in progress ask for.
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        self._demand = 0
 
     @classmethod
     def from_api(
@@ -180,8 +169,15 @@ class Client:
         """
         if not isinstance(api, ModuleType) and not os.path.isfile(api):
             raise FileNotFoundError(f"`api`: no `tesseract_api.py` at {api}.")
-        transport = ASGITransport.from_api(
-            api, {**_HEADERS, **(headers or {})}, cache=cache
+        # The launcher knows the server side; imported only when asked for, so that
+        # a client of a remote Tesseract never loads it.
+        from ._serve import in_process_app
+
+        name = getattr(api, "__file__", None) or str(api)
+        transport = ASGITransport(
+            in_process_app(api, cache=cache),
+            f"in-process:{name}",
+            {**_HEADERS, **(headers or {})},
         )
         obj = cls.__new__(cls)
         obj._init([transport], 1, _secrets(headers))
@@ -226,6 +222,47 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({', '.join(self.urls)})"
 
+    # The telemetry's parts, as the client's own attributes.
+
+    @property
+    def stats(self) -> collections.Counter[str]:
+        """Requests sent, by endpoint (`telemetry.stats`)."""
+        return self.telemetry.stats
+
+    @property
+    def latency(self) -> Latencies:
+        """Measured seconds per request (`telemetry.latency`)."""
+        return self.telemetry.latency
+
+    @property
+    def decisions(self) -> collections.deque:
+        """The last 100 `tlx.Decision`s (`telemetry.decisions`)."""
+        return self.telemetry.decisions
+
+    @property
+    def activity(self) -> Activity:
+        """Requests in flight and done (`telemetry.activity`)."""
+        return self.telemetry.activity
+
+    @activity.setter
+    def activity(self, value: Activity) -> None:
+        # An instrumented `Activity` (as the tests' gates) may take its place.
+        self.telemetry.activity = value
+
+    @property
+    def last_error(self) -> TesseractError | None:
+        """The last `tlx.TesseractError` (`telemetry.last_error`)."""
+        return self.telemetry.last_error
+
+    @last_error.setter
+    def last_error(self, value: TesseractError | None) -> None:
+        self.telemetry.last_error = value
+
+    @property
+    def structures(self) -> LRU:
+        """Output structures per call signature (`telemetry.structures`)."""
+        return self.telemetry.structures
+
     def _redact(self, text: bytes) -> bytes:
         for secret in self._secrets:
             text = text.replace(secret, b"[redacted]")
@@ -266,79 +303,156 @@ class Client:
 
     @property
     def schema(self) -> Schema:
-        """The Tesseract's interface, fetched from `/openapi.json` once."""
+        """The Tesseract's interface, read from `/openapi.json` once, on first use.
+
+        For a pool, every replica is asked (once each): they must serve the same
+        Tesseract (the same inputs and outputs; else a `ValueError` naming them).
+        `schema.endpoints` are those some replica serves (`schema.has(E)`), and
+        requests for an endpoint go only to the replicas that serve it;
+        `schema.capabilities` is as [`capabilities`][tesseract_lx.Client.capabilities]
+        merges them.
+        """
         if self._schema is None:
-            with self._lock:
-                if self._schema is None:
-                    response = self._transports[0].send("GET", "openapi.json")
-                    # A ValueError of `parse_openapi` says what it cannot read.
-                    self._schema = schema = self._decode(
-                        "openapi.json",
-                        response,
-                        self.urls[0],
-                        parse_openapi,
-                        (orjson.JSONDecodeError, KeyError, TypeError, AttributeError),
-                    )
-                    return schema
+            self._replica_schemas()
+        assert self._schema is not None
         return self._schema
+
+    def _replica_schemas(self) -> tuple[Schema, ...]:
+        """Each replica's own interface, fetched once (concurrently for a pool)."""
+        if self._schemas is None:
+            with self._schema_lock:
+                if self._schemas is None:
+                    n = len(self._transports)
+                    if n == 1:
+                        schemas = (self._fetch_schema(0),)
+                    else:
+                        with concurrent.futures.ThreadPoolExecutor(
+                            min(n, 16), thread_name_prefix="tesseract_lx-schema"
+                        ) as pool:
+                            futures = [
+                                pool.submit(self._fetch_schema, i) for i in range(n)
+                            ]
+                        schemas = tuple(f.result() for f in futures)
+                    merged, disagreements = merge(schemas, self.urls)
+                    self._schema, self._schemas = merged, schemas
+                    if disagreements:
+                        warnings.warn(
+                            "The replicas of this `tlx.Client` disagree on "
+                            + "; and on ".join(disagreements)
+                            + ". Give it replicas started with the same settings.",
+                            stacklevel=3,
+                        )
+        return self._schemas
+
+    def _fetch_schema(self, index: int) -> Schema:
+        transport = self._transports[index]
+        response = transport.send("GET", "openapi.json")
+        # A ValueError of `parse_openapi` says what it cannot read.
+        return self._decode(
+            "openapi.json",
+            response,
+            transport.url,
+            parse_openapi,
+            (orjson.JSONDecodeError, KeyError, TypeError, AttributeError),
+        )
 
     @property
     def capabilities(self) -> Capabilities:
-        """What the server says it can do (`x-tesseract-lx`); a stock one: nothing."""
+        """What the server says it can do (`x-tesseract-lx`); a stock one: nothing.
+
+        For a pool, merged: the batched endpoints and their modes of every replica
+        that serves them (requests go there only), and where the replicas must
+        agree, the most restrictive of what they say: the lowest `precision`, the
+        smallest `max_batch` and `max_body_bytes`, the fewest `workers`, the
+        `linear_solve_options` all take; `pure` only if all are. A pool whose
+        replicas state different `precision` or `max_batch` is warned about once.
+        `is_stock` only if every replica is.
+        """
         return self.schema.capabilities
 
     @property
     def workers(self) -> int:
         """How many requests each server computes at once: as given to the client,
-        else as the server states it (`--workers`), else 1."""
+        else as the server states it (`--workers`; for a pool, the fewest any
+        replica states), else 1."""
         if self._workers is not None:
             return self._workers
         return self.capabilities.workers
 
     @property
     def parallelism(self) -> int:
-        """How many requests can be computed at once over all replicas."""
-        return self.workers * len(self._transports)
+        """How many requests can be computed at once over all replicas: the sum of
+        their workers."""
+        return self._parallelism(range(len(self._transports)))
+
+    def serves(self, endpoint: str) -> bool:
+        """Whether some replica serves `endpoint` (e.g. `"linear_solve"`,
+        `"batched_jacobian_vector_product"`): requests for it then go to those
+        replicas only. The same as `client.schema.has(endpoint)`."""
+        return self.schema.has(endpoint)
+
+    def parallelism_for(self, endpoint: str) -> int:
+        """How many requests for `endpoint` can be computed at once: the sum of the
+        workers of the replicas that serve it (of every replica if none says it
+        does: each answers, if only with an error)."""
+        return self._parallelism(self._replicas_for(endpoint))
+
+    def _parallelism(self, replicas: Sequence[int]) -> int:
+        if self._workers is not None:
+            return self._workers * len(replicas)
+        schemas = self._replica_schemas()
+        return sum(schemas[i].capabilities.workers for i in replicas)
+
+    def _replicas_for(self, endpoint: str) -> tuple[int, ...]:
+        """The replicas that serve `endpoint` (all of them if none says it does)."""
+        n = len(self._transports)
+        if n == 1:
+            return (0,)
+        found = self._routes.get(endpoint)
+        if found is None:
+            schemas = self._replica_schemas()
+            found = tuple(i for i, s in enumerate(schemas) if s.has(endpoint))
+            found = self._routes[endpoint] = found or tuple(range(n))
+        return found
 
     def health(self) -> dict:
         """`GET /health`: the server's status (on `tesseract-lx serve`, with the
-        linearisation cache's counters under `tesseract_lx`)."""
+        linearisation cache's counters under `tesseract_lx`); of the first replica
+        of a pool."""
         response = self._transports[0].send("GET", "health")
         return self._decode("health", response, self.urls[0], lambda doc: doc)
+
+    def _turn(self, endpoint: str, n: int = 1) -> int:
+        """The first of `n` turns of `endpoint` in the round of its replicas."""
+        with self._lock:
+            first = self._turns[endpoint]
+            self._turns[endpoint] += n
+        return first
 
     def _binary(self, index: int) -> bool:
         """Whether replica `index` said it takes binary bodies (`x-tesseract-lx`).
 
-        The first replica's word is its schema's (never fetched here: until the
-        schema is known, JSON); every other replica is asked once, for itself, as a
-        pool may mix servers. Anything unclear is JSON, which every server takes.
+        Each replica's own word, as a pool may mix servers; never fetched here (a
+        single server's schema may be unknown yet: JSON until then, which every
+        server takes).
         """
-        transport = self._transports[index]
-        if not transport.binary or self._schema is None:
+        if not self._transports[index].binary or self._schemas is None:
             return False
-        if index == 0:
-            return self._schema.capabilities.binary == binary.MEDIA_TYPE
-        known = self._binary_replicas.get(index)
-        if known is None:
-            try:
-                doc = orjson.loads(transport.send("GET", "openapi.json").content)
-                known = Capabilities.from_openapi(doc).binary == binary.MEDIA_TYPE
-            except Exception:
-                known = False
-            self._binary_replicas[index] = known
-        return known
+        return self._schemas[index].capabilities.binary == binary.MEDIA_TYPE
 
     def request(
         self, endpoint: str, payload: Any, *, size: int = 0, k: int = 1, replica=None
     ) -> Any:
-        """Send one request (to the next replica in turn); return the decoded answer.
+        """Send one request (to the next replica in turn that serves `endpoint`);
+        return the decoded answer.
 
         `size` (elements of the point) and `k` (items in the request) key the
         measured latency that `Auto` estimates from.
         """
         if replica is None:
-            replica = next(self._next)
-        index = replica % len(self._transports)
+            replica = self._turn(endpoint)
+        serving = self._replicas_for(endpoint)
+        index = serving[replica % len(serving)]
         transport = self._transports[index]
         headers = None
         if endpoint in COMPUTATIONAL and self._binary(index):
@@ -346,20 +460,22 @@ class Client:
             headers = _BINARY_HEADERS
         else:
             body = orjson.dumps(encode_tree(payload), option=orjson.OPT_SERIALIZE_NUMPY)
-        with self._lock:
-            self.stats[endpoint] += 1
-        start = self.activity.started(endpoint, len(body))
+        start = self.telemetry.sent(endpoint, len(body))
         received = 0
+        answered = False
         try:
             response = transport.send("POST", endpoint, body, headers)
             received = len(response.content)
             result = self._decode(endpoint, response, transport.url, decode_tree)
+            answered = True
         except TesseractError as e:
-            self.last_error = e
+            self.telemetry.record_error(e)
             raise
         finally:
-            self.activity.finished(endpoint, start, received)
-        self.latency.record(endpoint, size, k, time.perf_counter() - start)
+            # A failure is no latency sample.
+            self.telemetry.answered(
+                endpoint, start, received, size=size if answered else None, k=k
+            )
         return result
 
     def request_many(
@@ -372,32 +488,60 @@ class Client:
         k: int = 1,
     ) -> list[Any]:
         """Send several requests, one after another or up to `max_in_flight` at once
-        (spread over the replicas); answers in order."""
-        if max_in_flight <= 1 or len(payloads) <= 1:
+        (spread over the replicas that serve `endpoint`); answers in order. Every
+        request is sent; the first failure (in order) is raised."""
+        n = min(max_in_flight, len(payloads))
+        if n <= 1:
             return [self.request(endpoint, p, size=size, k=k) for p in payloads]
+        start = self._turn(endpoint, len(payloads))
+        results: list[Any] = [None] * len(payloads)
+        errors: dict[int, BaseException] = {}
+        items = iter(range(len(payloads)))
+        items_lock = threading.Lock()
+
+        def work() -> None:
+            # `n` of these take the requests one by one: exactly `n` in flight,
+            # and no thread of the pool waits idle for a turn.
+            while True:
+                with items_lock:
+                    i = next(items, None)
+                if i is None:
+                    return
+                try:
+                    results[i] = self.request(
+                        endpoint, payloads[i], size=size, k=k, replica=start + i
+                    )
+                except BaseException as e:  # noqa: BLE001 - raised below, in order
+                    errors[i] = e
+
         with self._lock:
-            if self._pool is None:
+            self._demand += n
+            if self._pool is None or self._pool_size < self._demand:
+                # Enough threads for every call in progress, each with its own
+                # `max_in_flight`: a smaller pool would cap them without a word.
+                # The old pool finishes what it was given.
+                old = self._pool
+                self._pool_size = max(self._demand, 2 * self._pool_size, 8)
                 self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=max(self.parallelism, 8),
-                    thread_name_prefix="tesseract_lx",
+                    max_workers=self._pool_size, thread_name_prefix="tesseract_lx"
                 )
-            pool = self._pool
-        semaphore = threading.Semaphore(max_in_flight)
-        start = next(self._next)
-
-        def send(i: int, payload: Any) -> Any:
-            with semaphore:
-                return self.request(
-                    endpoint, payload, size=size, k=k, replica=start + i
-                )
-
-        futures = [pool.submit(send, i, p) for i, p in enumerate(payloads)]
-        return [f.result() for f in futures]
+                if old is not None:
+                    old.shutdown(wait=False)
+            futures = [self._pool.submit(work) for _ in range(n)]
+        try:
+            concurrent.futures.wait(futures)
+        finally:
+            with self._lock:
+                self._demand -= n
+        if errors:
+            raise errors[min(errors)]
+        return results
 
     def close(self) -> None:
         """Close every connection (those opened by pool threads included)."""
         with self._lock:
             pool, self._pool = self._pool, None
+            self._pool_size = 0
         if pool is not None:
             pool.shutdown(wait=True)
         for t in self._transports:

@@ -68,12 +68,11 @@ def check_precision(client: Any, strict: bool) -> None:
         f"`TESSERACT_LX = {{'precision': ...}}` there if it is wrong."
     )
     if strict:
-        raise TesseractDtypeError(message + " Pass `strict_dtype=False` to accept.")
-    with client._lock:
-        if getattr(client, "_warned_precision", False):
-            return
-        client._warned_precision = True
-    warnings.warn(message, stacklevel=4)
+        raise TesseractDtypeError(
+            message + " Pass `strict_dtype=False` to accept.", client.urls[0]
+        )
+    if client.telemetry.warn_once("precision"):
+        warnings.warn(message, stacklevel=4)
 
 
 def conform(x: Any, dtype: str, path: str, endpoint: str) -> np.ndarray:

@@ -6,7 +6,10 @@ in a host callback reaches the user as `jax.errors.JaxRuntimeError` whose text e
 with this message (the type is lost; `client.last_error` keeps the typed one).
 """
 
+from typing import Any, cast, LiteralString
+
 import orjson
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 
 class TesseractError(RuntimeError):
@@ -45,8 +48,75 @@ class TesseractError(RuntimeError):
         super().__init__(f"`/{endpoint}`{where} failed{code}: {message}")
 
 
-class TesseractValidationError(TesseractError, ValueError):
-    """The Tesseract rejected the payload (HTTP 422); `message` names the field."""
+class TesseractValidationError(TesseractError, ValidationError):
+    """The Tesseract rejected the payload (HTTP 422); `message` names the field.
+
+    Also a pydantic `ValidationError` (so a `ValueError`), as tesseract-core's own
+    client raises for a 422: `errors()` lists the server's line errors, each with
+    its `loc` (without FastAPI's leading `"body"`), `type` and `msg`.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if len(args) > 1 and isinstance(args[1], list):
+            # pydantic building the instance (`from_exception_data` calls the class
+            # with its title and line errors).
+            return ValidationError.__new__(cls, *args, **kwargs)
+        given = list(args)
+        endpoint, message = given[0], given[2]
+        detail = kwargs.get("detail") or ()
+        lines = [
+            _line(err.get("type"), err.get("msg"), err.get("loc"), err.get("input"))
+            for err in detail
+            if isinstance(err, dict)
+        ] or [_line("value_error", message, (), None)]
+        return cls.from_exception_data(f"endpoint {endpoint}", lines)
+
+    def __init__(self, *args: Any, detail: list | None = None, **kwargs: Any):
+        # Called as `TesseractError` is, and once more by pydantic inside `__new__`.
+        if len(args) > 1 and isinstance(args[1], list):
+            return
+        self.detail = detail
+        super().__init__(*args, **kwargs)
+
+    def __str__(self) -> str:
+        # Ours (endpoint, URL, status, the server's words), not pydantic's listing:
+        # one line that survives `jax.jit`.
+        return str(self.args[0])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+    def __reduce__(self):
+        # pydantic's own would rebuild a plain `ValidationError`, without our fields.
+        args = (self.endpoint, self.status, self.message, self.url, self.detail)
+        extra = (self.error_type, self.traceback)
+        return _rebuild_validation_error, (type(self), args, extra)
+
+
+def _rebuild_validation_error(cls, args, extra):
+    endpoint, status, message, url, detail = args
+    error_type, traceback = extra
+    return cls(
+        endpoint,
+        status,
+        message,
+        url,
+        detail=detail,
+        error_type=error_type,
+        traceback=traceback,
+    )
+
+
+def _line(kind: Any, message: Any, loc: Any, value: Any) -> InitErrorDetails:
+    return InitErrorDetails(
+        type=PydanticCustomError(
+            cast(LiteralString, str(kind or "value_error")),
+            "{message}",
+            {"message": str(message or "")},
+        ),
+        loc=tuple(x for x in (loc or ()) if x != "body" and isinstance(x, str | int)),
+        input=value,
+    )
 
 
 class TesseractServerError(TesseractError):
@@ -62,8 +132,12 @@ class TesseractTimeoutError(TesseractConnectionError, TimeoutError):
     """No answer within the client's connect or read timeout; also a `TimeoutError`."""
 
 
-class TesseractDtypeError(TypeError):
-    """The server computes in a lower precision than the schema's dtypes promise."""
+class TesseractDtypeError(TesseractError, TypeError):
+    """The server computes in a lower precision than the schema's dtypes promise
+    (as its `/openapi.json` says): refused before any request."""
+
+    def __init__(self, message: str, url: str = ""):
+        super().__init__("openapi.json", None, message, url)
 
 
 _HIDDEN = (
@@ -87,7 +161,7 @@ def _format_422(detail: list) -> str:
 def from_response(endpoint: str, status: int, body: bytes, url: str) -> TesseractError:
     """The error for a non-200 answer, with the server's words in the message."""
     text = body.decode(errors="replace").strip()
-    error_type = traceback = None
+    error_type = traceback = detail = None
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -117,7 +191,12 @@ def from_response(endpoint: str, status: int, body: bytes, url: str) -> Tesserac
         if status >= 500
         else TesseractError
     )
-    return cls(endpoint, status, text, url, error_type=error_type, traceback=traceback)
+    extra = {}
+    if cls is TesseractValidationError:
+        extra["detail"] = detail if isinstance(detail, list) else None
+    return cls(
+        endpoint, status, text, url, error_type=error_type, traceback=traceback, **extra
+    )
 
 
 class TesseractNonFiniteError(TesseractError, FloatingPointError):

@@ -20,6 +20,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.core
 from jax.extend.core import JaxprEqn, Literal, Var
 from jax.interpreters import partial_eval as pe
 
@@ -69,7 +70,7 @@ def read(fn: Any, structure: Any) -> tuple[OneCall | None, str, Any]:
         why = "the operator's map is not a single Tesseract JVP or VJP"
         return None, f"{why} (it computes {names})", client
     (eqn,) = kept
-    if any(eqn.params["batched"]):
+    if any(eqn.params["points"]) or any(eqn.params["items"]):
         return None, "the operator's map is batched inside", client
     n = len(eqn.params["call"].in_paths)
     values = []

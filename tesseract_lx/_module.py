@@ -1,11 +1,11 @@
 """`TesseractModule`: a served Tesseract as a differentiable Equinox module."""
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 
-from ._batching import AbstractBatching, as_rule, decide, Decision
+from ._batching import AbstractBatching, as_rule, Batch, decide, Decision, server_of
 from ._call import Call, flatten, make_call
 from ._client import Client
 from ._primitive import apply_p
@@ -13,7 +13,11 @@ from ._wire.spec import APPLY, JVP, VJP
 
 
 # "auto" is ours; the others are tesseract-jax's `vmap_method`s, with its meaning.
-VMAP_METHODS = (
+VmapMethod = (
+    Literal["auto", "sequential", "expand_dims", "broadcast_all", "auto_experimental"]
+    | None
+)
+VMAP_METHODS: tuple[VmapMethod, ...] = (
     "auto",
     None,
     "sequential",
@@ -52,6 +56,11 @@ class TesseractModule(eqx.Module):
         them; under `jax.jit` its text ends the `JaxRuntimeError`'s and
         `client.last_error` keeps it. Off by default: NaN and Inf pass through
         unchanged, both ways.
+    - `check_static_outputs`: the non-array outputs (strings, `None`) of a traced
+        call are fixed when it is traced (from an eager answer at the same shapes, or
+        `/abstract_eval`); on by default, each `/apply` of the compiled call compares
+        its own with them and warns (`UserWarning`, naming the output and both
+        values) where they differ. The caller holds the traced values either way.
 
     Inputs and outputs are plain containers shaped as the Tesseract's schema says:
     models as dicts, `list[...]` as lists, `dict[str, ...]` as dicts, optionals as a
@@ -77,8 +86,9 @@ class TesseractModule(eqx.Module):
     client: Client = eqx.field(static=True)
     batching: AbstractBatching = eqx.field(static=True)
     strict_dtype: bool = eqx.field(static=True)
-    vmap_method: str | None = eqx.field(static=True)
+    vmap_method: VmapMethod = eqx.field(static=True)
     check_finite: bool = eqx.field(static=True)
+    check_static_outputs: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -86,8 +96,9 @@ class TesseractModule(eqx.Module):
         batching: AbstractBatching | str = "auto",
         *,
         strict_dtype: bool = True,
-        vmap_method: str | None = "auto",
+        vmap_method: VmapMethod = "auto",
         check_finite: bool = False,
+        check_static_outputs: bool = True,
     ):
         if vmap_method not in VMAP_METHODS:
             raise ValueError(
@@ -103,6 +114,12 @@ class TesseractModule(eqx.Module):
                 f"`check_finite` must be True or False, got {check_finite!r}."
             )
         self.check_finite = check_finite
+        if not isinstance(check_static_outputs, bool):
+            raise TypeError(
+                "`check_static_outputs` must be True or False, got "
+                f"{check_static_outputs!r}."
+            )
+        self.check_static_outputs = check_static_outputs
 
     @property
     def schema(self):
@@ -117,6 +134,7 @@ class TesseractModule(eqx.Module):
             strict_dtype=self.strict_dtype,
             vmap_method=self.vmap_method,
             check_finite=self.check_finite,
+            check_static_outputs=self.check_static_outputs,
         )
 
     def prepare(self, inputs: Any) -> tuple[Call, list]:
@@ -133,13 +151,14 @@ class TesseractModule(eqx.Module):
             self.strict_dtype,
             self.vmap_method,
             self.check_finite,
+            self.check_static_outputs,
         )
         return call, values
 
     def __call__(self, inputs: Any) -> Any:
         """Apply the Tesseract: inputs to outputs, both trees of plain containers."""
         call, values = self.prepare(inputs)
-        outs = apply_p.bind(*values, call=call, batched=(False,) * len(values))
+        outs = apply_p.bind(*values, call=call, points=(False,) * len(values))
         # After the bind: an eager call has just taught the output structure.
         return call.unflatten(outs)
 
@@ -149,23 +168,26 @@ class TesseractModule(eqx.Module):
         *,
         kind: str = "jvp",
         k: int = 1,
+        points: int = 1,
         wrt: str | tuple[str, ...] | None = None,
         of: str | tuple[str, ...] | None = None,
     ) -> Decision:
-        """Which rule a batch of `k` items would go by at `inputs`, and why.
+        """The plan a batch would get at `inputs`, and why: the same decision a
+        traced call makes (and records), made here without recording it.
 
         **Arguments:**
 
         - `inputs`: the point, as for calling the module.
-        - `kind`: `"jvp"` (K tangents), `"vjp"` (K cotangents) or `"apply"` (K points).
-        - `k`: the batch size.
+        - `kind`: `"jvp"` (K tangents), `"vjp"` (K cotangents) or `"apply"` (points).
+        - `k`: how many (co)tangents at each point (`kind="apply"`: how many points).
+        - `points`: how many points the (co)tangents are at (a `jax.vmap` over points
+            of a `jax.jacfwd`).
         - `wrt`, `of`: the differentiated input and output path, or a tuple of them
             (default: all differentiable ones).
 
-        **Returns:** a `tlx.Decision`, with the estimated cost of each rule the server
-        allows (none for a rule the server serves as asked). Nothing is recorded and
-        no request is sent (except, once, the `/abstract_eval` a traced call at these
-        shapes would send too).
+        **Returns:** a `tlx.Decision`, with the estimated cost of each plan `Auto`
+        weighed (none for a rule followed as asked). No request is sent (except,
+        once, the `/abstract_eval` a traced call at these shapes would send too).
         """
         endpoint = {"jvp": JVP, "vjp": VJP, "apply": APPLY}.get(kind)
         if endpoint is None:
@@ -182,7 +204,15 @@ class TesseractModule(eqx.Module):
         n_in = sum(math.prod(leaf.shape) for leaf in ins)
         n_out = sum(math.prod(leaf.shape) for leaf in outs)
         size = sum(math.prod(leaf.shape) for leaf in call.inputs)
-        return decide(self.client, self.batching, endpoint, k, n_in, n_out, size)
+        if endpoint == APPLY:
+            batch = Batch(APPLY, k, 1, size, _total(call.outputs), size)
+        else:
+            batch = Batch(endpoint, points, k, n_in, n_out, size)
+        return decide(self.batching, batch, server_of(self.client, endpoint))[0]
+
+
+def _total(leaves) -> int:
+    return sum(math.prod(leaf.shape) for leaf in leaves)
 
 
 def _select(name: str, wanted: tuple[str, ...], leaves) -> list:

@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
-from . import _linear_map as linear_map
+from . import _linear_map as linear_map, _solvers as solvers
 from ._batching import Decision
 from ._fallback import fall_back
 from ._operator import AbstractTesseractOperator, pack, unpack
 from ._primitive import jvp_p
-from ._wire import solvers
+from ._solve import run_solve
 from ._wire.spec import LINEAR_SOLVE, VJP
 
 
@@ -206,7 +206,8 @@ class OnServer(lx.AbstractLinearSolver):
                 f"solve to the server: {why}."
             )
         reason = f"`OnServer({name})` solves here, one request per mat-vec: {why}"
-        fall_back(client, Decision(LINEAR_SOLVE, 1, "local", {}, reason), stacklevel=5)
+        decision = Decision(LINEAR_SOLVE, 1, "local", {}, reason, fallback=True)
+        fall_back(client, decision, stacklevel=5)
         return None, self.solver.init(operator, options)
 
     def compute(self, state, vector, options: dict[str, Any]):
@@ -297,8 +298,6 @@ def _solve(target: _Target, vector: Any, solver: Any, y0: Any = None):
     )
 
     def host(*arrays):
-        from ._dispatch import run_solve
-
         arrays = [np.asarray(a) for a in arrays]
         return run_solve(
             call,

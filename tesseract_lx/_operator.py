@@ -6,7 +6,7 @@ the identity under the `jacobian` (else `batched`) rule: one request, never n, a
 with `/jacobian` no basis uploaded.
 """
 
-import dataclasses
+import math
 from typing import Any
 
 import equinox as eqx
@@ -15,10 +15,9 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Float, Inexact, PyTree
 
-from ._batching import available
-from ._call import Call
+from ._batching import Batch, Jacobian, servable, server_of
 from ._module import TesseractModule
 from ._primitive import apply_p, jvp_p, refuse_complex, vjp_p
 from ._wire import paths
@@ -72,25 +71,6 @@ def _index(kind: str, wanted: tuple[str, ...], known: tuple[str, ...], diff) -> 
     return tuple(out)
 
 
-_TRANSPOSED_TAGS = {
-    lx.lower_triangular_tag: lx.upper_triangular_tag,
-    lx.upper_triangular_tag: lx.lower_triangular_tag,
-}
-
-
-def _replace(operator, **changes):
-    """A copy with some fields changed, without re-running `__init__` (no requests)."""
-    new = object.__new__(type(operator))
-    for field in dataclasses.fields(operator):
-        value = changes.get(field.name, getattr(operator, field.name))
-        object.__setattr__(new, field.name, value)
-    return new
-
-
-def _transpose_tags(tags: frozenset) -> frozenset:
-    return frozenset(_TRANSPOSED_TAGS.get(t, t) for t in tags)
-
-
 class AbstractTesseractOperator(lx.AbstractLinearOperator):
     """The shared machinery of `TesseractJacobianOperator` and
     `TesseractLinearOperator`: the derivative of `of` with respect to `wrt`."""
@@ -103,75 +83,62 @@ class AbstractTesseractOperator(lx.AbstractLinearOperator):
     transposed: eqx.AbstractVar[bool]
     _structure: eqx.AbstractVar[tuple]
 
-    def _call(self) -> tuple[Call, list, tuple, tuple]:
-        call, operands = self.module.prepare(self.inputs)
+    def _call(self, module: TesseractModule | None = None) -> tuple:
+        """`(call, operands, wrt indices, of indices)` at the point, by `module`
+        (the operator's own by default)."""
+        call, operands = (module or self.module).prepare(self.inputs)
         diff_out = frozenset(call.diff_out)
         wrt = _index("wrt", self.wrt, call.in_paths, call.diff_in)
         of = _index("of", self.of, call.out_paths, diff_out)
         return call, operands, wrt, of
-
-    def _pack(self, paths, leaves) -> PyTree:
-        return pack(paths, leaves)
-
-    def _unpack(self, paths, tree, structure) -> list:
-        return unpack(paths, tree, structure)
 
     def in_structure(self):
         """The structure of the vectors `mv` takes (`jax.ShapeDtypeStruct`s: an
         array, or a dict keyed by path); sends nothing."""
         ins, outs = self._structure
         paths, structs = (self.of, outs) if self.transposed else (self.wrt, ins)
-        return self._pack(paths, list(structs))
+        return pack(paths, list(structs))
 
     def out_structure(self):
         """The structure of what `mv` returns; sends nothing."""
         ins, outs = self._structure
         paths, structs = (self.wrt, ins) if self.transposed else (self.of, outs)
-        return self._pack(paths, list(structs))
-
-    def _derivative(self, vector) -> PyTree:
-        """`J @ vector` (one JVP request), or `J.T @ vector` (one VJP) if transposed."""
-        call, operands, wrt, of = self._call()
-        ins, outs = self._structure
-        if self.transposed:
-            src, dst, structs, prim = self.of, self.wrt, outs, vjp_p
-            params = dict(vjp_in=wrt, vjp_out=of)
-        else:
-            src, dst, structs, prim = self.wrt, self.of, ins, jvp_p
-            params = dict(jvp_in=wrt, jvp_out=of)
-        lin = self._unpack(src, vector, structs)
-        results = prim.bind(
-            *operands,
-            *lin,
-            call=call,
-            batched=(False,) * (len(operands) + len(lin)),
-            **params,
-        )
-        return self._pack(dst, results)
-
-    def mv(self, vector):
-        """The Jacobian times `vector`: one `/jacobian_vector_product` (one
-        `/vector_jacobian_product` for the transpose). Under `jax.vmap`, a batch of
-        vectors goes by the module's batching rule."""
-        return self._derivative(vector)
+        return pack(paths, list(structs))
 
     def as_matrix(self) -> Float[Array, "m n"]:
-        """The matrix, in one request (`/jacobian`, else a `batched` JVP/VJP of the
-        identity); sequential JVPs only if the Tesseract serves neither."""
-        call, _, _, _ = self._call()
-        kind, other = (VJP, JVP) if self.transposed else (JVP, VJP)
-        # A Tesseract serving neither this direction, its batched endpoint nor
-        # `/jacobian` gets it from the other direction: batch that one instead.
-        client = self.module.client
-        rules = available(client, kind) or available(client, other)
-        rule = next((r for r in ("jacobian", "batched") if r in rules), call.batching)
-        op = _replace(self, module=self.module.with_batching(rule))
+        """The matrix, in one request: `/jacobian` (or, for a Tesseract without one,
+        the products of the basis with the direction it serves), whatever the
+        module's batching rule; every other setting of the module is kept."""
+        module = self.module.with_batching(Jacobian())
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.in_structure())
         flat, unravel = jfu.ravel_pytree(zeros)
         basis = jax.vmap(unravel)(jnp.eye(flat.size, dtype=flat.dtype))
-        columns = jax.vmap(op._derivative)(basis)
+        columns = jax.vmap(lambda v: _derivative(self, module, v))(basis)
         rows = jax.vmap(lambda c: jfu.ravel_pytree(c)[0])(columns)
         return rows.T
+
+
+def _derivative(operator: AbstractTesseractOperator, module, vector) -> PyTree:
+    """`J @ vector` (a JVP), or `J.T @ vector` (a VJP) for a transposed operator,
+    through `module`'s primitives."""
+    call, operands, wrt, of = operator._call(module)
+    ins, outs = operator._structure
+    if operator.transposed:
+        src, dst, structs, prim = operator.of, operator.wrt, outs, vjp_p
+        params = dict(vjp_in=wrt, vjp_out=of)
+    else:
+        src, dst, structs, prim = operator.wrt, operator.of, ins, jvp_p
+        params = dict(jvp_in=wrt, jvp_out=of)
+    lin = unpack(src, vector, structs)
+    results = prim.bind(
+        *operands,
+        *lin,
+        call=call,
+        points=(False,) * (len(operands) + len(lin)),
+        items=(False,) * len(lin),
+        **params,
+    )
+    return pack(dst, results)
 
 
 def _structure(module: TesseractModule, inputs: dict, wrt, of) -> tuple:
@@ -239,25 +206,30 @@ class TesseractJacobianOperator(AbstractTesseractOperator):
         tags: Any = frozenset(),
         transposed: bool = False,
     ):
-        if not isinstance(f, TesseractModule):
-            raise TypeError(f"`f` must be a `TesseractModule`, got {type(f).__name__}.")
-        self.module = f
-        self.inputs = inputs
-        self.wrt = as_paths("wrt", wrt)
-        self.of = as_paths("of", of)
-        if not isinstance(tags, frozenset | set | tuple | list):
-            tags = (tags,)
-        self.tags = frozenset(tags)
-        self.transposed = transposed
-        self._structure = _structure(f, inputs, self.wrt, self.of)
+        fields = _fields(f, inputs, wrt, of, tags, transposed)
+        (self.module, self.inputs, self.wrt, self.of, self.tags) = fields[:5]
+        self.transposed, self._structure = fields[5:]
+
+    def mv(
+        self, vector: PyTree[Inexact[Array, "..."]]
+    ) -> PyTree[Inexact[Array, "..."]]:
+        """The Jacobian times `vector`: one `/jacobian_vector_product` (one
+        `/vector_jacobian_product` for the transpose). Under `jax.vmap`, a batch of
+        vectors goes by the module's batching rule."""
+        return _derivative(self, self.module, vector)
 
     def transpose(self) -> "TesseractJacobianOperator":
         """The transpose (also `.T`), built without a request; `mv` says what its
         `mv` sends. A `symmetric_tag`ged operator is its own transpose."""
         if lx.symmetric_tag in self.tags:
             return self
-        return _replace(
-            self, transposed=not self.transposed, tags=_transpose_tags(self.tags)
+        return TesseractJacobianOperator(
+            self.module,
+            self.inputs,
+            self.wrt,
+            self.of,
+            tags=lx.transpose_tags(self.tags),
+            transposed=not self.transposed,
         )
 
 
@@ -290,25 +262,77 @@ class TesseractLinearOperator(AbstractTesseractOperator):
     transposed: bool = eqx.field(static=True)
     _structure: tuple = eqx.field(static=True)
 
-    __init__ = TesseractJacobianOperator.__init__  # pyright: ignore[reportAssignmentType]
-    transpose = TesseractJacobianOperator.transpose
+    def __init__(
+        self,
+        f: TesseractModule,
+        inputs: dict,
+        wrt: str | tuple[str, ...],
+        of: str | tuple[str, ...],
+        *,
+        tags: Any = frozenset(),
+        transposed: bool = False,
+    ):
+        fields = _fields(f, inputs, wrt, of, tags, transposed)
+        (self.module, self.inputs, self.wrt, self.of, self.tags) = fields[:5]
+        self.transposed, self._structure = fields[5:]
 
-    def mv(self, vector):
+    def mv(
+        self, vector: PyTree[Inexact[Array, "..."]]
+    ) -> PyTree[Inexact[Array, "..."]]:
         """The operator times `vector`: one `/apply` with `wrt` replaced by `vector`
         (one `/vector_jacobian_product` for the transpose)."""
         if self.transposed:
-            return self._derivative(vector)
+            return _derivative(self, self.module, vector)
         call, operands, wrt, of = self._call()
         ins, _ = self._structure
-        xs = self._unpack(self.wrt, vector, ins)
-        for i, x in zip(wrt, xs):
+        for i, x in zip(wrt, unpack(self.wrt, vector, ins)):
             operands[i] = x
-        outs = apply_p.bind(*operands, call=call, batched=(False,) * len(operands))
-        return self._pack(self.of, [outs[j] for j in of])
+        outs = apply_p.bind(*operands, call=call, points=(False,) * len(operands))
+        return pack(self.of, [outs[j] for j in of])
+
+    def transpose(self) -> "TesseractLinearOperator":
+        """The transpose (also `.T`), built without a request; `mv` says what its
+        `mv` sends. A `symmetric_tag`ged operator is its own transpose."""
+        if lx.symmetric_tag in self.tags:
+            return self
+        return TesseractLinearOperator(
+            self.module,
+            self.inputs,
+            self.wrt,
+            self.of,
+            tags=lx.transpose_tags(self.tags),
+            transposed=not self.transposed,
+        )
+
+
+def _fields(f, inputs, wrt, of, tags, transposed) -> tuple:
+    """An operator's fields, checked: no request (the output shapes of the schema,
+    or learnt once per signature)."""
+    if not isinstance(f, TesseractModule):
+        raise TypeError(f"`f` must be a `TesseractModule`, got {type(f).__name__}.")
+    if not isinstance(transposed, bool):
+        raise TypeError(f"`transposed` must be True or False, got {transposed!r}.")
+    wrt, of = as_paths("wrt", wrt), as_paths("of", of)
+    if not isinstance(tags, frozenset | set | tuple | list):
+        tags = (tags,)
+    structure = _structure(f, inputs, wrt, of)
+    return f, inputs, wrt, of, frozenset(tags), transposed, structure
 
 
 @lx.linearise.register(AbstractTesseractOperator)
 def _(operator):
+    # A Krylov solver linearises once, then multiplies many times. Where the
+    # module's rule plans a mat-vec as the Jacobian, fetch it here, once: then no
+    # loop asks for it again, whether or not XLA would hoist the request.
+    kind = VJP if operator.transposed else JVP
+    ins, outs = operator._structure
+    n_in = sum(math.prod(s.shape) for s in ins)
+    n_out = sum(math.prod(s.shape) for s in outs)
+    batch = Batch(kind, 1, 1, n_in, n_out, 0)
+    server = server_of(operator.module.client, kind)
+    plan = operator.module.batching.plan(batch, server)
+    if plan.rule == "jacobian" and servable(plan, batch, server):
+        return lx.materialise(operator)
     return operator
 
 

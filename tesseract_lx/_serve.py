@@ -1,4 +1,7 @@
-"""`tlx.serve`: a real local server for a `tesseract_api.py`, as a child process.
+"""Where servers are started: `tlx.serve`, a real local server for a
+`tesseract_api.py` as a child process; and `in_process_app`, the same server's app in
+this process, for `tlx.Client.from_api`. The only module of the client side that knows
+the server side, and it imports it only to build that app.
 
 **The port.** Picking a free port and handing it to the child races: another process
 may bind it in between (the child then dies, or worse, `/health` answers from someone
@@ -34,11 +37,28 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from types import ModuleType
+from typing import Any, IO
 
 import requests
 
 from ._client import Client
+
+
+def in_process_app(api: str | os.PathLike | ModuleType, *, cache: bool = True) -> Any:
+    """The ASGI app `tesseract-lx serve` runs, built in this process for `api` (the
+    path of a `tesseract_api.py`, or the loaded module), with its linearisation
+    `cache` or without: what `tlx.Client.from_api` drives.
+
+    The server side is imported here, on first use: a process that only talks to
+    servers elsewhere (`tlx.Client(url)`, `tlx.serve`, whose server is a child
+    process) never loads it.
+    """
+    from ._server import create_app
+
+    return create_app(
+        api if isinstance(api, ModuleType) else os.fspath(api), cache=cache
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,6 +71,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 # uvicorn's startup line, with the port it bound (the real one, for port 0).
 _RUNNING = re.compile(rb"Uvicorn running on https?://\S+:(\d+) ")
+# What each of uvicorn's worker processes says once it has loaded the app, and once
+# it serves.
+_LOADED = b"Started server process ["
+_SERVING = b"Application startup complete."
+_NO_LIFESPAN = b"'lifespan' protocol appears unsupported"
 
 
 # Run in the child before the server: SIGTERM when the parent dies (the setting
@@ -125,8 +150,12 @@ def _ready(
     host: str,
     port: int | None,
     startup_timeout: float,
+    workers: int = 1,
 ) -> int:
-    """The child's port, once `/health` answers on it."""
+    """The child's port, once `/health` answers on it and each of its `workers`
+    said it serves. (One worker answers `/health` while the others may still be
+    importing the Tesseract: connections opened then all go to the first, and
+    kept alive, they stay there, one request at a time.)"""
     deadline = time.monotonic() + startup_timeout
     while True:
         if proc.poll() is not None:
@@ -145,7 +174,9 @@ def _ready(
         if port is not None:
             try:
                 url = f"http://{host}:{port}/health"
-                if requests.get(url, timeout=2).status_code == 200:
+                if requests.get(url, timeout=2).status_code == 200 and _all_up(
+                    log, workers
+                ):
                     return port
             except requests.RequestException:
                 pass
@@ -155,6 +186,21 @@ def _ready(
                 f"{startup_timeout} s. Its output:\n{_output(log)}"
             )
         time.sleep(0.1)
+
+
+def _all_up(log: IO[bytes], workers: int) -> bool:
+    """Whether each of `workers` worker processes said it serves; true for a server
+    that says nothing of the kind (no worker said it loaded the app)."""
+    if workers <= 1:
+        return True
+    log.seek(0)
+    text = log.read()
+    loaded = text.count(_LOADED)
+    if loaded == 0:
+        return True
+    if loaded < workers:
+        return False
+    return _NO_LIFESPAN in text or text.count(_SERVING) >= workers
 
 
 @contextlib.contextmanager
@@ -175,7 +221,8 @@ def serve(
     **Arguments:**
 
     - `path`: the `tesseract_api.py` file.
-    - `workers`: server processes answering requests at once.
+    - `workers`: server processes answering requests at once; the client is handed
+        out once every one of them serves.
     - `host`: the address to listen on: this machine only (`127.0.0.1`) unless told
         otherwise.
     - `port`: the port; by default the server binds a free one itself (no race with
@@ -247,7 +294,7 @@ def serve(
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         ).result()
-        port = _ready(proc, log, path, host, port, startup_timeout)
+        port = _ready(proc, log, path, host, port, startup_timeout, workers)
         client = Client(f"http://{host}:{port}", timeout=timeout, workers=workers)
         yield client
     finally:

@@ -23,14 +23,11 @@ Structure = tuple[Template, tuple[Leaf, ...]]
 
 def learn(client: Any, template: Template, leaves: tuple[Leaf, ...], found: Structure):
     """Remember the output structure an eager call showed for this signature."""
-    with client._lock:
-        client.structures.put((template, leaves), found)
+    client.telemetry.learn_structure((template, leaves), found)
 
 
 def outputs(client: Any, template: Template, leaves: tuple[Leaf, ...]) -> Structure:
-    key = (template, leaves)
-    with client._lock:
-        found = client.structures.get_fresh(key)
+    found = client.telemetry.structure((template, leaves))
     if found is not None:
         return found
     schema = client.schema

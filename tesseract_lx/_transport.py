@@ -12,17 +12,21 @@ it has no batched endpoints and none of the server's error handling. We reuse it
 OpenAPI document and wire format.
 
 **In process.** `ASGITransport` drives the very app `tesseract-lx serve` runs,
-through the ASGI interface, without a socket. The app factory is loaded by its import
-name, as uvicorn loads apps: the client side has no import of the server package.
+through the ASGI interface, without a socket, on an event loop of its own (so it works
+inside the caller's running loop: Jupyter, `asyncio.run`). It is handed the app
+(`tlx.Client.from_api` has the launcher, `_serve.py`, build it): the client side
+imports nothing of the server package.
 """
 
 import asyncio
 import base64
+import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import http.client
-import importlib
 import re
+import select
 import threading
 import time
 import urllib.parse
@@ -74,12 +78,22 @@ def _cause(error: BaseException) -> str:
 
 
 class HTTPTransport:
-    """Requests to one server over `http.client`, one keep-alive connection per thread.
+    """Requests to one server over `http.client`, on a pool of keep-alive connections.
 
     **Why not `requests`.** It costs ~1 ms of Python per request (preparing, merging
     environment settings, urllib3's pool; `benchmarks/PROFILE.md`), a fifth of a JVP
     request on loopback; a solver sends thousands. `http.client` (which `requests`
     runs on) does the same job here: keep-alive, `TCP_NODELAY`, chunked answers.
+
+    **Connections.** Idle keep-alive connections wait in one pool shared by every
+    thread: a request takes one (or opens one when none is idle), and gives it back
+    once the whole answer is read. So a new connection is opened only when the
+    server closed one, or when more requests are in flight at once than connections
+    are idle; never per thread. (One connection per thread opened a connection per
+    request of an eager lineax solve: JAX runs host callbacks on threads that come
+    and go.) A connection the server said it closes (`Connection: close`), or that
+    broke, is closed rather than given back; at most `_MAX_IDLE` are kept; `close`
+    closes them all, and those lent out when they come back.
 
     A request is a pure function of its payload, so a connection that fails before
     any answer arrived (refused, reset, a keep-alive connection the server closed, a
@@ -112,41 +126,47 @@ class HTTPTransport:
         self._host, self._port = parts.hostname or "", parts.port
         self._path = parts.path
         self.timeouts = timeouts
-        self._local = threading.local()
-        # Held strongly by their thread only: a thread that ends takes its
-        # connection with it; `close` closes those still alive.
-        self._connections: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.Lock()
+        # Most recently used last: it is the least likely to have been closed.
+        self._idle: collections.deque[http.client.HTTPConnection] = collections.deque()
+        # Bumped by `close`: a connection lent out before then is closed on return.
+        self._generation = 0
+        # The idle connections go with the transport, even if nobody calls `close`.
+        weakref.finalize(self, _close_all, self._idle)
 
-    def _connection(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            cls = (
-                http.client.HTTPSConnection
-                if self._https
-                else http.client.HTTPConnection
-            )
-            conn = cls(self._host, self._port, timeout=self.timeouts.connect)
-            self._local.conn = conn
-            with self._lock:
-                self._connections.add(conn)
-        if conn.sock is None:
-            try:
-                conn.connect()
-            except TimeoutError:
-                self._drop()
-                raise
-            assert conn.sock is not None
-            conn.sock.settimeout(self.timeouts.read)
-        return conn
-
-    def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            self._local.conn = None
-            with self._lock:
-                self._connections.discard(conn)
+    def _take(self, fresh: bool) -> tuple[http.client.HTTPConnection, int, bool]:
+        """A connection: `(connection, generation, reused)`. An idle one that the
+        server has not closed meanwhile, unless `fresh`; else a new one."""
+        stale = []
+        found = None
+        with self._lock:
+            generation = self._generation
+            while not fresh and self._idle:
+                conn = self._idle.pop()
+                if _open(conn):
+                    found = conn
+                    break
+                stale.append(conn)
+        _close_all(stale)
+        if found is not None:
+            return found, generation, True
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=self.timeouts.connect)
+        try:
+            conn.connect()
+        except BaseException:
             conn.close()
+            raise
+        assert conn.sock is not None
+        conn.sock.settimeout(self.timeouts.read)
+        return conn, generation, False
+
+    def _give_back(self, conn: http.client.HTTPConnection, generation: int) -> None:
+        with self._lock:
+            if generation == self._generation and len(self._idle) < _MAX_IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def send(
         self,
@@ -159,9 +179,11 @@ class HTTPTransport:
         all_headers = {**self.headers, **(headers or {})}
         delay = _BACKOFF
         error: Exception | None = None
-        for attempt in range(_RETRIES + 1):
+        fresh = False
+        attempt = 0
+        while True:
             try:
-                conn = self._connection()
+                conn, generation, reused = self._take(fresh)
             except TimeoutError as e:
                 raise TesseractTimeoutError(
                     endpoint,
@@ -171,23 +193,32 @@ class HTTPTransport:
                     self.url,
                 ) from e
             except OSError as e:  # refused, unreachable: not connected yet
-                self._drop()
                 error = e
             else:
                 try:
                     conn.request(method, path, body=body, headers=all_headers)
                     answer = conn.getresponse()
                 except TimeoutError as e:
-                    self._drop()
+                    conn.close()
                     raise self._read_timeout(endpoint) from e
                 except (*_NOT_ANSWERED, OSError) as e:
-                    self._drop()
+                    conn.close()
                     error = e
+                    if reused and not fresh:
+                        # A kept-alive connection the server closed as we sent:
+                        # once more at once, on a new connection, not a retry.
+                        fresh = True
+                        continue
+                except BaseException:
+                    conn.close()
+                    raise
                 else:
-                    return self._read(endpoint, answer)
-            if attempt < _RETRIES:
-                time.sleep(delay)
-                delay *= 2
+                    return self._read(endpoint, answer, conn, generation)
+            if attempt == _RETRIES:
+                break
+            attempt += 1
+            time.sleep(delay)
+            delay *= 2
         assert error is not None
         raise TesseractConnectionError(
             endpoint,
@@ -197,23 +228,34 @@ class HTTPTransport:
             self.url,
         ) from error
 
-    def _read(self, endpoint: str, answer: http.client.HTTPResponse) -> Response:
+    def _read(
+        self,
+        endpoint: str,
+        answer: http.client.HTTPResponse,
+        conn: http.client.HTTPConnection,
+        generation: int,
+    ) -> Response:
         """The whole answer; an answer that stalls or breaks off is final."""
         try:
             content = answer.read()
         except TimeoutError as e:
-            self._drop()
+            conn.close()
             raise self._read_timeout(endpoint) from e
         except (http.client.HTTPException, OSError) as e:
-            self._drop()
+            conn.close()
             raise TesseractConnectionError(
                 endpoint,
                 None,
                 f"the answer from {self.url} broke off before its end ({_cause(e)})",
                 self.url,
             ) from e
+        except BaseException:
+            conn.close()
+            raise
         if answer.will_close:
-            self._drop()
+            conn.close()
+        else:
+            self._give_back(conn, generation)
         return Response(
             answer.status,
             content,
@@ -229,41 +271,78 @@ class HTTPTransport:
         )
 
     def close(self) -> None:
+        """Close the idle connections, and those lent out as they come back. The
+        transport stays usable: a later request opens a new connection."""
         with self._lock:
-            connections = list(self._connections)
-            self._connections.clear()
-        for conn in connections:
-            conn.close()
+            idle = list(self._idle)
+            self._idle.clear()
+            self._generation += 1
+        _close_all(idle)
+
+
+# Idle keep-alive connections kept per server; more in flight at once are closed
+# when they come back.
+_MAX_IDLE = 64
+
+
+def _open(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle connection is still open: nothing to read on it. The server
+    closing it (keep-alive timeout, restart) makes it readable (end of file)."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return not poller.poll(0)
+        return not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
+
+
+def _close_all(connections) -> None:
+    for conn in list(connections):
+        conn.close()
 
 
 class ASGITransport:
     """Calls an ASGI app in this process: the same routes, validation and errors as
-    over HTTP, without a socket. One event loop per calling thread."""
+    over HTTP, without a socket.
+
+    The app runs on a private event loop, on a daemon thread of the transport's own
+    (started on the first request); callers hand it requests with
+    `asyncio.run_coroutine_threadsafe` and wait for the answer. So a call works from
+    any thread, whether or not that thread runs an event loop of its own (a Jupyter
+    kernel, `asyncio.run`, anyio): the caller's loop and event loop policy are never
+    touched (`loop.run_until_complete` in the caller's thread fails inside a running
+    loop). Requests from several threads are in flight at once, as over HTTP: the
+    app runs the Tesseract's code in its own thread pool. `close` stops the loop; a
+    later request starts another.
+
+    **Arguments:**
+
+    - `app`: an ASGI app, e.g. the one `tesseract-lx serve` runs
+        (`_serve.in_process_app`).
+    - `url`: the name errors and reprs give it, e.g. `"in-process:PATH"`.
+    - `headers`: sent with every request.
+    """
+
+    # Takes `binary.MEDIA_TYPE` bodies, as the served app does.
+    binary = True
 
     def __init__(self, app: Any, url: str, headers: dict[str, str]):
         self.app = app
         self.url = url
         self.headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        self._local = threading.local()
-        self._loops: list[asyncio.AbstractEventLoop] = []
         self._lock = threading.Lock()
+        self._runner: _LoopThread | None = None
 
-    @classmethod
-    def from_api(cls, api: Any, headers: dict[str, str], **settings: Any):
-        server = importlib.import_module("tesseract_lx._server")
-        app = server.create_app(api, **settings)
-        name = getattr(api, "__file__", None) or str(api)
-        return cls(app, f"in-process:{name}", headers)
-
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        loop = getattr(self._local, "loop", None)
-        if loop is None or loop.is_closed():
-            loop = self._local.loop = asyncio.new_event_loop()
-            with self._lock:
-                self._loops.append(loop)
-        return loop
-
-    binary = True
+    def _loop(self) -> "_LoopThread":
+        with self._lock:
+            if self._runner is None:
+                self._runner = _LoopThread(self)
+            return self._runner
 
     async def _call(
         self, method: str, endpoint: str, body: bytes, extra: dict[str, str]
@@ -331,16 +410,83 @@ class ASGITransport:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> Response:
-        return self._loop().run_until_complete(
-            self._call(method, endpoint, body or b"", headers or {})
-        )
+        runner = self._loop()
+        try:
+            return runner.run(self._call(method, endpoint, body or b"", headers or {}))
+        except concurrent.futures.CancelledError:
+            raise TesseractConnectionError(
+                endpoint, None, "the client was closed while the request ran", self.url
+            ) from None
 
     def close(self) -> None:
         with self._lock:
-            loops, self._loops = self._loops, []
-        for loop in loops:
-            if not loop.is_running():
-                loop.close()
+            runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.stop()
+
+
+class _LoopThread:
+    """An event loop running forever on a daemon thread of its own.
+
+    The thread refers to the loop only, not to its owner: an owner that is
+    collected without `close` stops the loop (a finalizer), and the thread ends.
+    """
+
+    def __init__(self, owner: Any):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=_run_loop, args=(self.loop,), name="tesseract_lx-asgi", daemon=True
+        )
+        self.thread.start()
+        self._finalizer = weakref.finalize(owner, _stop_loop, self.loop)
+        # At exit the daemon thread just ends: cleaning up would start threads.
+        self._finalizer.atexit = False
+
+    def run(self, coroutine: Any) -> Any:
+        """Run `coroutine` on the loop; wait for its result here."""
+        if threading.current_thread() is self.thread:
+            coroutine.close()
+            raise RuntimeError(
+                "A request to an in-process Tesseract was made from the thread that "
+                "runs it (from inside the Tesseract?): it would wait for itself."
+            )
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted (Ctrl-C), or failed: nothing is left running for it.
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        """Stop the loop, cancel what still runs on it, wait for the thread."""
+        self._finalizer.detach()
+        _stop_loop(self.loop)
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """The body of a `_LoopThread`: serve until stopped, then clean up and close."""
+    try:
+        loop.run_forever()
+    finally:
+        try:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                gathered = asyncio.gather(*tasks, return_exceptions=True)
+                loop.run_until_complete(gathered)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop) -> None:
+    with contextlib.suppress(RuntimeError):  # already closed
+        loop.call_soon_threadsafe(loop.stop)
 
 
 _REMOTE_ERROR = re.compile(r"^Error (\d{3}) from Tesseract: (.*)$", re.DOTALL)

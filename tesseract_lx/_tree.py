@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orjson
 from jax.core import ShapedArray, Tracer
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 from ._wire import paths
 from ._wire.schema import (
@@ -132,14 +133,43 @@ class _Walk:
 
 def _fail(exc: type[Exception], path: str, what: str, got: Any) -> Exception:
     where = f"`{path}`" if path else "The inputs"
-    return exc(f"{where} must be {what}; got {_type_name(got)}.")
+    message = f"{where} must be {what}; got {_type_name(got)}."
+    return invalid(path, message) if exc is ValueError else exc(message)
+
+
+def invalid(path: str, message: str) -> ValidationError:
+    """A refusal of the inputs' values (shape, a missing or unknown field, a value
+    not allowed): a pydantic `ValidationError`, which is a `ValueError`, as
+    tesseract-core's own validation of the payload raises (tesseract-jax's callers
+    catch it so). Its one line error has `loc` `("inputs", *path)` and our message.
+    """
+    try:
+        loc = tuple(index for _, index in paths.segments(path)) if path else ()
+    except ValueError:  # a dict key no path can name (`{}`)
+        loc = (path,)
+    line = InitErrorDetails(
+        type=PydanticCustomError("tesseract_input", "{message}", {"message": message}),
+        loc=("inputs", *loc),
+        input=None,
+    )
+    return ValidationError.from_exception_data("InputSchema", [line], hide_input=True)
+
+
+def reason(error: Exception) -> str:
+    """The message of a refusal, without pydantic's listing around it."""
+    if isinstance(error, ValidationError):
+        return "; ".join(line["msg"] for line in error.errors())
+    return str(error)
 
 
 def _array(node: ArrayNode, x: Any, path: str, walk: _Walk) -> Template:
     if isinstance(x, list | tuple):
+        # "expects an array, but got list": tesseract-jax's words for this refusal.
+        name = type(x).__name__
         raise TypeError(
-            f"`{path}` must be {node.describe()}; got a Python {type(x).__name__}: "
-            "convert it with `jnp.asarray` (lists stand for `list[...]` fields only)."
+            f"`{path}` must be {node.describe()}; got a Python {name}: convert it "
+            f"with `jnp.asarray`, as `{path}` expects an array, but got {name} "
+            "(lists stand for `list[...]` fields only)."
         )
     if not _is_arraylike(x):
         raise _fail(TypeError, path, node.describe(), x)
@@ -172,7 +202,12 @@ def _array(node: ArrayNode, x: Any, path: str, walk: _Walk) -> Template:
             d is None or d == s for d, s in zip(node.shape, shape)
         )
         if not ok:
-            raise ValueError(f"`{path}` must be {node.describe()}; got shape {shape}.")
+            # tesseract-core's words follow ours: "Expected shape: (3,). Found: (4,)."
+            raise invalid(
+                path,
+                f"`{path}` must be {node.describe()}; got shape {shape}. Expected "
+                f"shape: {tuple(node.shape)}. Found: {shape}.",
+            )
     value = (
         jnp.asarray(x, dtype)
         if _is_tracer(x) or isinstance(x, jax.Array)
@@ -250,7 +285,7 @@ def _node(node: Node, x: Any, path: str, walk: _Walk) -> Template:
         try:
             template = _node(option, x, path, trial)
         except (TypeError, ValueError) as e:
-            errors.append(str(e))
+            errors.append(reason(e))
             continue
         offset = len(walk.leaves)
         walk.leaves += trial.leaves
@@ -280,15 +315,16 @@ def _model(node: ModelNode, x: Any, path: str, walk: _Walk) -> Template:
     if unknown:
         where = f"`{path}`" if path else "the Tesseract"
         bad = paths.describe([paths.join(path, str(k)) for k in unknown])
-        raise ValueError(
-            f"Unknown input {bad}; {where} takes: {paths.describe(known)}."
+        raise invalid(
+            path, f"Unknown input {bad}; {where} takes: {paths.describe(known)}."
         )
     missing = [n for n, _, required in node.fields if required and n not in x]
     if missing:
-        raise ValueError(
+        raise invalid(
+            path,
             f"Missing input {paths.describe([paths.join(path, m) for m in missing])}; "
             f"{'`' + path + '`' if path else 'the Tesseract'} takes: "
-            f"{paths.describe(known)}."
+            f"{paths.describe(known)}.",
         )
     # In the schema's order, not the caller's: `jax.jit` hands back dicts with sorted
     # keys, and a call's identity must not depend on how the caller ordered theirs.

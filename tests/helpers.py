@@ -3,7 +3,7 @@
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,13 @@ STRATEGIES = ("sequential", "concurrent", "jacobian", "batched", "auto")
 
 JVP, VJP = "jacobian_vector_product", "vector_jacobian_product"
 BATCHED = {JVP: f"batched_{JVP}", VJP: f"batched_{VJP}"}
+
+
+class Tol(TypedDict):
+    """Tolerances for `**tol`: a lineax solver's or `np.testing.assert_allclose`'s."""
+
+    rtol: float
+    atol: float
 
 
 def tree_allclose(a: Any, b: Any, rtol: float = 1e-8, atol: float = 1e-10) -> bool:

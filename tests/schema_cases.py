@@ -43,8 +43,9 @@ def set_path(tree: Any, path: str, value: Any) -> Any:
     """A copy of `tree` (nested dicts and lists) with the leaf at `path` replaced."""
     head, *rest = split_path(path)
     key = path_to_index_op(head)[1]
-    new = list(tree) if isinstance(tree, list) else dict(tree)
-    new[key] = set_path(tree[key], ".".join(rest), value) if rest else value
+    leaf = set_path(tree[key], ".".join(rest), value) if rest else value
+    new: Any = list(tree) if isinstance(tree, list) else dict(tree)
+    new[key] = leaf
     return new
 
 

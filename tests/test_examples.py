@@ -27,6 +27,13 @@ def run(script: str, *args: str, cwd) -> str:
     return proc.stdout
 
 
+def found(pattern: str, out: str) -> re.Match[str]:
+    """`re.search(pattern, out)`, which must match (else the output is shown)."""
+    match = re.search(pattern, out)
+    assert match is not None, out
+    return match
+
+
 @pytest.mark.parametrize("server", ["tesseract-lx", "tesseract-runtime"])
 def test_bratu_newton(tmp_path, server):
     png = tmp_path / "bratu.png"
@@ -45,14 +52,14 @@ def test_bratu_newton(tmp_path, server):
 
 def test_calibrate(tmp_path):
     out = run("calibrate.py", "--n", "6", cwd=tmp_path)
-    k_true = float(re.search(r"k_true = (\S+)", out).group(1))
-    k_fit = float(re.search(r"k_fit  = (\S+)", out).group(1))
+    k_true = float(found(r"k_true = (\S+)", out).group(1))
+    k_fit = float(found(r"k_fit  = (\S+)", out).group(1))
     assert abs(k_fit - k_true) < 0.05, out
     assert re.search(r"requests: \d+ \{", out), out
-    rel = float(re.search(r"relative difference: (\S+)", out).group(1))
+    rel = float(found(r"relative difference: (\S+)", out).group(1))
     assert rel < 1e-6, out
     # optimistix's `verbose=` (on by default): one line per step of the fit.
-    steps = int(re.search(r"LevenbergMarquardt: (\d+) steps", out).group(1))
+    steps = int(found(r"LevenbergMarquardt: (\d+) steps", out).group(1))
     lines = re.findall(r"^  step +(\d+): loss \S+, accepted +\d+, step size", out, re.M)
     assert [int(i) for i in lines] == list(range(steps)), out
     quiet = run("calibrate.py", "--n", "6", "--no-verbose", cwd=tmp_path)
@@ -98,9 +105,9 @@ def test_train_mlp(tmp_path):
     out = run(
         "train_mlp.py", "--n", "6", "--steps", "20", "--png", str(png), cwd=tmp_path
     )
-    first, last = map(float, re.search(r"loss (\S+) -> (\S+) in", out).groups())
+    first, last = map(float, found(r"loss (\S+) -> (\S+) in", out).groups())
     assert last < first, out
-    assert float(re.search(r"from pure JAX: (\S+)", out).group(1)) < 1e-8, out
+    assert float(found(r"from pure JAX: (\S+)", out).group(1)) < 1e-8, out
     # Every step: the residual (`/apply`) and its VJP w.r.t. the source field.
     assert "requests per step: 2\n" in out, out
     assert png.stat().st_size > 0

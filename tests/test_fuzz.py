@@ -2,8 +2,9 @@
 client's wire encoding.
 
 **The server.** Every computational endpoint of `tesseract-lx serve`, the batched ones
-included, gets requests that schemathesis generates from the server's own
-`/openapi.json`: valid by the schema (`positive`) and invalid by it (`negative`).
+and `/linear_solve` included, gets requests that schemathesis generates from the
+server's own `/openapi.json`: valid by the schema (`positive`) and invalid by it
+(`negative`).
 `examples/tesseracts/pytree` (nested inputs, a static int) runs in a real server
 process over HTTP, `examples/tesseracts/bratu` in process (schemathesis' ASGI
 transport on `create_app`). What must hold, for every request:
@@ -16,8 +17,9 @@ transport on `create_app`). What must hold, for every request:
 Arrays drawn from a schema alone are almost never decodable (a random base64 string
 for a shape of 10**20): most valid requests have their arrays redrawn to fit their
 declared shapes and dtypes, most with the shapes of related inputs tied, and with
-(co)tangents keyed and shaped as the point says (`_deeper`), so that requests reach
-the Tesseract, the linearisation cache and the batched modes.
+(co)tangents, right-hand sides and initial guesses keyed and shaped as the point
+says, and solvers that stop soon (`_deeper`), so that requests reach the Tesseract,
+the linearisation cache, the batched modes and the Krylov loop.
 
 **The wire encoding.** Random trees of NumPy arrays survive `encode_tree` ->
 `orjson` -> `decode_tree` bit for bit (`Client.request`'s path).
@@ -71,6 +73,7 @@ ENDPOINTS = (
     "batched_apply",
     "batched_jacobian_vector_product",
     "batched_vector_jacobian_product",
+    "linear_solve",
 )
 # Requests per endpoint and Tesseract (positive and negative together): the file
 # runs in well under a minute on 2 cores. More for a deeper search:
@@ -97,7 +100,9 @@ class Fuzzed:
         abstract inputs' schema does not state;
     - `tied`: two inputs whose shapes its maths needs equal (the schema says only
         that each has any size);
-    - `out_shape(inputs, path)`: the shape of output `path` at encoded `inputs`.
+    - `out_shape(inputs, path)`: the shape of output `path` at encoded `inputs`;
+    - `square`: differentiable `(input, output)` paths of the same shape (a square
+        Jacobian, which every `/linear_solve` solver takes).
     """
 
     path: Path
@@ -106,6 +111,7 @@ class Fuzzed:
     out_shape: Callable[[dict, str], list]
     ref: Callable[[dict], dict]
     make_inputs: Callable[[int], dict]
+    square: tuple[tuple[str, str], ...] = ()
 
 
 PYTREE = Fuzzed(
@@ -115,6 +121,7 @@ PYTREE = Fuzzed(
     out_shape=lambda inputs, path: inputs["x"]["shape"] if path == "y" else [],
     ref=pytree_ref,
     make_inputs=lambda seed: pytree_inputs(seed=seed),
+    square=(("x", "y"), ("offset", "y"), ("params.b", "stats.norm")),
 )
 BRATU = Fuzzed(
     EXAMPLES / "bratu" / "tesseract_api.py",
@@ -123,6 +130,7 @@ BRATU = Fuzzed(
     out_shape=lambda inputs, path: inputs["u"]["shape"],
     ref=bratu_ref,
     make_inputs=lambda seed: bratu_inputs(n=4, seed=seed),
+    square=(("u", "residual"), ("f", "residual")),
 )
 
 
@@ -250,38 +258,95 @@ def _fitted(draw, point: Any, fuzzed: Fuzzed) -> Any:
 
 
 @st.composite
-def _vectors(draw, body: dict, fuzzed: Fuzzed, batched: bool) -> dict:
-    """Tangents (cotangents) keyed by `jvp_inputs` (`vjp_outputs`), each shaped as
-    its input (output) at the point, with a leading batch axis when `batched`; now
-    and then one a size too big, which the server must refuse (422)."""
-    if "tangent_vector" in body:
-        field, keys = "tangent_vector", body.get("jvp_inputs")
-        shape_of = lambda p: _at(body["inputs"], p)["shape"]  # noqa: E731
-    elif "cotangent_vector" in body:
-        field, keys = "cotangent_vector", body.get("vjp_outputs")
-        shape_of = lambda p: fuzzed.out_shape(body["inputs"], p)  # noqa: E731
-    else:
-        return body
-    if not isinstance(keys, list) or draw(st.integers(0, 3)) == 3:
-        return body
-    k = draw(st.integers(1, 3))
+def _keyed(
+    draw, keys: list, shape_of: Callable[[str], Any], k: int | None
+) -> dict | None:
+    """Arrays keyed by `keys`, each of `shape_of(path)` (with a leading axis of `k`
+    when given); now and then one a size too big, which the server must refuse
+    (422). `None` when a shape cannot be told."""
+    if not keys:
+        return {}
     wrong = draw(st.integers(0, 4 * len(keys) - 1)) - 3 * len(keys)  # < 0: none
     vectors = {}
     for i, path in enumerate(keys):
         try:
             shape = _small(list(shape_of(path)))
         except (KeyError, TypeError):
-            return body
+            return None
         if shape is None or math.prod(shape) > 64:
-            return body
-        shape = [k, *shape] if batched else shape
+            return None
+        shape = shape if k is None else [k, *shape]
         if i == wrong:
             shape = [*shape[:-1], shape[-1] + 1] if shape else [1]
         dtype = draw(st.sampled_from(["float64", "float32", "int32"]))
         data = draw(_data(shape, dtype))
         vectors[path] = {"object_type": "array", "shape": shape, "dtype": dtype}
         vectors[path]["data"] = data
-    return {**body, field: vectors}
+    return vectors
+
+
+# Solvers that stop soon whatever they are given (a drawn one may ask for 2**62
+# steps at zero tolerance: that is a long answer, not a wrong one).
+_SOLVERS = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["GMRES", "BiCGStab", "CG", "LSMR"]),
+        "rtol": st.sampled_from([0.0, 1e-8, 1e-3]),
+        "atol": st.sampled_from([0.0, 1e-8, 1e-3]),
+        "max_steps": st.integers(1, 30),
+    }
+)
+_SOLVERS = st.one_of(
+    _SOLVERS, _SOLVERS.map(lambda inner: {"name": "Normal", "inner": inner})
+)
+
+
+@st.composite
+def _vectors(draw, body: dict, fuzzed: Fuzzed, batched: bool) -> dict:
+    """Tangents (cotangents) keyed by `jvp_inputs` (`vjp_outputs`), each shaped as
+    its input (output) at the point, with a leading batch axis when `batched`;
+    `/linear_solve`'s right-hand sides and initial guesses likewise, and a solver
+    that stops soon."""
+    input_shape = lambda p: _at(body["inputs"], p)["shape"]  # noqa: E731
+    output_shape = lambda p: fuzzed.out_shape(body["inputs"], p)  # noqa: E731
+    if "rhs" in body:
+        ins, outs = body.get("jvp_inputs"), body.get("jvp_outputs")
+        if not isinstance(ins, list) or not isinstance(outs, list):
+            return body
+        if draw(st.integers(0, 3)) == 3:
+            return body
+        if fuzzed.square and (not ins or not outs or draw(st.booleans())):
+            # Mostly a square map: every solver runs on it.
+            ins, outs = map(list, zip(draw(st.sampled_from(fuzzed.square))))
+            body = {**body, "jvp_inputs": ins, "jvp_outputs": outs}
+        transpose = body.get("transpose") is True
+        (rhs_keys, rhs_shape), (sol_keys, sol_shape) = (
+            ((ins, input_shape), (outs, output_shape))
+            if transpose
+            else ((outs, output_shape), (ins, input_shape))
+        )
+        k = draw(st.integers(1, 3))
+        rhs = draw(_keyed(rhs_keys, rhs_shape, k))
+        if rhs is None:
+            return body
+        out = {**body, "rhs": rhs, "solver": draw(_SOLVERS)}
+        if draw(st.booleans()):
+            out["y0"] = draw(_keyed(sol_keys, sol_shape, k))
+        elif "y0" in out:
+            del out["y0"]
+        if draw(st.booleans()):
+            out["tags"] = ["positive_semidefinite"]
+        return out
+    if "tangent_vector" in body:
+        field, keys, shape_of = "tangent_vector", body.get("jvp_inputs"), input_shape
+    elif "cotangent_vector" in body:
+        field, keys = "cotangent_vector", body.get("vjp_outputs")
+        shape_of = output_shape
+    else:
+        return body
+    if not isinstance(keys, list) or draw(st.integers(0, 3)) == 3:
+        return body
+    vectors = draw(_keyed(keys, shape_of, draw(st.integers(1, 3)) if batched else None))
+    return body if vectors is None else {**body, field: vectors}
 
 
 def _deeper(body: Any, fuzzed: Fuzzed, batched: bool) -> st.SearchStrategy:
@@ -393,7 +458,7 @@ def _check(fuzzed: Fuzzed, case: Any, response: Any) -> None:
     if status >= 400:
         assert _has_message(answer), where
     # An invalid request refused (4xx), a 200 as documented, as schemathesis checks.
-    checks = schemathesis.checks
+    checks = schemathesis.checks  # pyright: ignore[reportAttributeAccessIssue]
     case.validate_response(
         response,
         checks=[checks.negative_data_rejection, checks.response_schema_conformance],
@@ -440,7 +505,7 @@ def test_fuzz_endpoint(target, endpoint, request, pytree_server):
     then the server still answers correctly."""
     fuzzed, schema = request.getfixturevalue(target)
     operation = schema[f"/{endpoint}"]["POST"]
-    batched = endpoint.startswith("batched_")
+    batched = endpoint.startswith("batched_") or endpoint == "linear_solve"
     positive = operation.as_strategy(generation_mode=GenerationMode.POSITIVE)
     negative = operation.as_strategy(generation_mode=GenerationMode.NEGATIVE)
 
@@ -456,7 +521,12 @@ def test_fuzz_endpoint(target, endpoint, request, pytree_server):
         deadline=None,
         database=None,
         print_blob=True,
-        suppress_health_check=list(HealthCheck),
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.filter_too_much,
+            HealthCheck.data_too_large,
+            HealthCheck.large_base_example,
+        ],
     )
     @given(case=st.one_of(positive.flatmap(deeper), negative))
     def fuzz(case):

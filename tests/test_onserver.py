@@ -20,7 +20,7 @@ from tesseract_lx._wire import binary
 from tesseract_lx._wire.encoding import decode_tree, encode_tree
 
 from conftest import fresh
-from helpers import ALL_CASES, PARTIAL, VJP
+from helpers import ALL_CASES, PARTIAL, Tol, VJP
 from references import (
     bratu_inputs,
     bratu_ref,
@@ -34,7 +34,7 @@ from references import (
 jax.config.update("jax_enable_x64", True)
 
 N = 4
-TOL = dict(rtol=1e-12, atol=1e-12)
+TOL = Tol(rtol=1e-12, atol=1e-12)
 SOLVERS = {
     "gmres": lx.GMRES(**TOL),
     "bicgstab": lx.BiCGStab(**TOL),

@@ -8,6 +8,7 @@ requests sent. Grids are 4 x 4 (16 unknowns) so the suite stays fast.
 import collections
 import dataclasses
 import functools
+from typing import TypeVar
 
 import equinox as eqx
 import jax
@@ -23,6 +24,7 @@ from helpers import (
     has_batched,
     JVP,
     schema_fixes_outputs,
+    Tol,
     TRANSPORTS,
     VJP,
 )
@@ -30,8 +32,9 @@ from helpers import (
 
 N = 4
 SIZE = N * N
-TOL = dict(rtol=1e-8, atol=1e-8)
-KRYLOV = dict(rtol=1e-10, atol=1e-10)
+_T = TypeVar("_T")
+TOL = Tol(rtol=1e-8, atol=1e-8)
+KRYLOV = Tol(rtol=1e-10, atol=1e-10)
 SPD = frozenset({lx.positive_semidefinite_tag, lx.symmetric_tag})
 STRUCTURE = jax.ShapeDtypeStruct((N, N), jnp.float64)
 
@@ -180,9 +183,14 @@ class _Counted(lx.AbstractLinearOperator):
         return self.operator.out_structure()
 
 
-for _fn in (
-    lx.diagonal,
-    lx.tridiagonal,
+def _forward(fn: "functools._SingleDispatchCallable[_T]") -> None:
+    """`fn` of a `_Counted` is `fn` of the operator it counts."""
+    fn.register(_Counted)(lambda operator: fn(operator.operator))
+
+
+_forward(lx.diagonal)
+_forward(lx.tridiagonal)
+for _fn in (  # the predicates: each returns a `bool`
     lx.is_symmetric,
     lx.is_diagonal,
     lx.is_tridiagonal,
@@ -192,7 +200,7 @@ for _fn in (
     lx.is_positive_semidefinite,
     lx.is_negative_semidefinite,
 ):
-    _fn.register(_Counted)(lambda operator, _fn=_fn: _fn(operator.operator))
+    _forward(_fn)
 for _fn in (lx.linearise, lx.materialise, lx.conj):
     _fn.register(_Counted)(lambda operator: operator)
 
@@ -335,7 +343,9 @@ def test_construction_and_structure_send_nothing(client, transport, operator):
     assert op.in_size() == op.out_size() == SIZE
     for o in (op, op2, op.T, op.T.T, lx.TaggedLinearOperator(op, lx.symmetric_tag)):
         assert o.in_structure() == o.out_structure() == STRUCTURE
-        lx.is_symmetric(o), lx.is_positive_semidefinite(o), lx.is_diagonal(o)
+        lx.is_symmetric(o)
+        lx.is_positive_semidefinite(o)
+        lx.is_diagonal(o)
     jax.eval_shape(op.mv, _vector())
     jax.make_jaxpr(lambda v: op.T.mv(v))(_vector())
     assert client.stats == {}

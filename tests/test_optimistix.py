@@ -42,7 +42,9 @@ def bratu_args(n: int, k: float = 1.0) -> dict:
     return {"k": jnp.asarray(k), "f": jnp.ones((n, n))}
 
 
-def newton(linear_solver=lx.AutoLinearSolver(well_posed=None)):
+def newton(
+    linear_solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=None),
+) -> optx.Newton:
     return optx.Newton(rtol=TOL, atol=TOL, linear_solver=linear_solver)
 
 
@@ -207,7 +209,8 @@ def test_chord_lu_one_jacobian_per_solve(client, transport):
 
 
 @pytest.mark.xfail(
-    strict=True,
+    optx.__version__ == "0.1.0",
+    strict=False,  # an optimistix that fixes it must not turn this suite red
     reason="optimistix 0.1.0: Chord with an iterative linear solver fails even in "
     "pure JAX",
 )

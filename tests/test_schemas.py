@@ -82,7 +82,9 @@ def _random_like(tree, seed: int = 1):
 
 
 def _loss(tree) -> jax.Array:
-    return sum(jnp.sum(jnp.asarray(x, jnp.float64) ** 2) for x in jax.tree.leaves(tree))
+    return jnp.asarray(
+        sum(jnp.sum(jnp.asarray(x, jnp.float64) ** 2) for x in jax.tree.leaves(tree))
+    )
 
 
 def assert_outputs(out, ref, rtol: float = 1e-8) -> None:
@@ -191,7 +193,9 @@ def test_containers_jit_statics(connect):
 # Derivatives with respect to any differentiable leaf of the containers
 #
 
-WRT = {path: (path,) for path in ("xs.[1]", "fields.{a}", "opt", "s", "sub.w")}
+WRT: dict[str, tuple[str, ...]] = {
+    path: (path,) for path in ("xs.[1]", "fields.{a}", "opt", "s", "sub.w")
+}
 WRT["all"] = CONTAINER_DIFF_PATHS + ("opt",)
 parametrize_wrt = pytest.mark.parametrize("wrt", list(WRT))
 

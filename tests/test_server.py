@@ -575,7 +575,7 @@ def test_axis_loops_over_points_that_do_not_stack():
 
     # Fixed shapes: a stack is not a valid input, so each point goes alone.
     loop = load_module_from_path(_api("numpy_loop"))
-    loop.TESSERACT_LX = {"apply_batch_axis": 0}
+    setattr(loop, "TESSERACT_LX", {"apply_batch_axis": 0})
     app = create_app(loop)
     assert _modes(app)["batched_apply"] == "axis"
     points = [_point("numpy_loop", rng) for _ in range(3)]
@@ -587,7 +587,8 @@ def test_axis_loops_over_points_that_do_not_stack():
 
 def test_vmap_that_does_not_trace_falls_back_to_loop_for_good():
     module = load_module_from_path(_api("numpy_loop"))
-    module.jax = jax  # looks like JAX code: tracing is tried, and fails (NumPy)
+    # Looks like JAX code: tracing is tried, and fails (NumPy).
+    setattr(module, "jax", jax)
     app = create_app(module)
     modes = _modes(app)
     assert modes.pop("linear_solve") == "linearise"
@@ -635,7 +636,7 @@ def test_vmap_that_does_not_trace_falls_back_to_loop_for_good():
 
 def test_vmap_fallback_keeps_the_tesseracts_own_error():
     module = load_module_from_path(_api("raising"))
-    module.jax = jax
+    setattr(module, "jax", jax)
     app = create_app(module)
     points = [{"x": np.array([1.0, 2.0])}, {"x": np.array([-1.0, 2.0])}]
     status, body = _asgi(app, "POST", "/batched_apply", {"inputs": points})
@@ -868,7 +869,7 @@ def test_malformed_declaration_stops_the_server(servers):
     assert "`TESSERACT_LX['precision']` must be one of ('float32', 'float64')" in log
     assert "float16" in log
     module = load_module_from_path(_api("raising"))
-    module.TESSERACT_LX = {"pure": "yes"}
+    setattr(module, "TESSERACT_LX", {"pure": "yes"})
     with pytest.raises(ValueError, match=re.escape("`TESSERACT_LX['pure']` must be")):
         create_app(module)
 

@@ -121,8 +121,10 @@ def download_examples(
         if not members:
             raise RuntimeError(f"{sdists[0].name} has no `examples/` folder.")
         # The "data" filter (no absolute paths, links or devices) where Python has it.
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(out, members=members, **safe)
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(out, members=members, filter="data")
+        else:
+            tar.extractall(out, members=members)
     return out
 
 
@@ -149,8 +151,9 @@ def set_path(tree: Any, path: str, value: Any) -> Any:
     """A copy of `tree` with `value` at `path`; the containers on the way are copied."""
     head, _, rest = path.partition(".")
     key = _key(head)
-    new = list(tree) if isinstance(tree, list | tuple) else dict(tree)
-    new[key] = set_path(tree[key], rest, value) if rest else value
+    leaf = set_path(tree[key], rest, value) if rest else value
+    new: Any = list(tree) if isinstance(tree, list | tuple) else dict(tree)
+    new[key] = leaf
     return new
 
 
@@ -338,7 +341,7 @@ def vectoradd_ref(inputs: dict) -> dict:
 
 def vectoradd_nested_inputs(folder: Path, norm_ord: int | None) -> dict:
     rng = np.random.default_rng(2)
-    inputs = {
+    inputs: dict[str, Any] = {
         "a": {"v": _f32(rng.standard_normal(4)), "s": _f32(2.0)},
         # `b.s` is left to its default (1.0).
         "b": {"v": _f32(rng.standard_normal(4))},

@@ -1,13 +1,16 @@
 """The server side: `tesseract-lx serve`, tesseract-core's app plus batched endpoints.
 
-Deployed next to the Tesseract (in its container). Shares only `.._wire.spec` with the
-client side; nothing on the client side imports this package, except by name to drive
-`create_app`'s ASGI app in process.
+Deployed next to the Tesseract (in its container). Shares only `.._wire` (pure data)
+with the client side; nothing on the client side imports this package. The launcher,
+`.._serve`, imports it on demand to build `create_app`'s app in process, for
+`tlx.Client.from_api`.
 
 Modules: `app` (`create_app`), `routes` (route wrapper, errors), `endpoints`
 (tesseract-core's endpoints through the cache), `batched` (batched JVP/VJP),
-`batched_apply`, `cache` (the linearisation cache), `declare` (declarations,
-capabilities, precision), `limits`, `asgi` and `cli` (`tesseract-lx serve`).
+`batched_apply`, `solve` (`/linear_solve`), `lean` (binary bodies), `cache` (the
+linearisation cache), `declare` (declarations, capabilities, precision), `limits`,
+`guard` (binref inputs confined to the input folder), `upstream` (every private
+name of tesseract-core used here), `asgi` and `cli` (`tesseract-lx serve`).
 """
 
 from .app import create_app as create_app

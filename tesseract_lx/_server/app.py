@@ -19,6 +19,7 @@ the `max_batch` / `max_body_bytes` limits.
 """
 
 import dataclasses
+import os
 import types
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from .batched_apply import apply_mode, batched_apply_endpoint
 from .cache import CacheSettings, enable_tesseract_vjp_cache, LinearisationCache
 from .declare import compute_precision, read_declaration, ServerState, uses_jax
 from .endpoints import cotangent_check, output_shapes_fn, stock_endpoints
-from .guard import BinrefGuard
+from .guard import BinrefGuard, Confine
 from .lean import BinaryRoutes, LeanRoute
 from .limits import BodyLimit, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES
 from .routes import (
@@ -56,7 +57,8 @@ from .routes import (
     plain_route,
     Runner,
 )
-from .solve import linear_solve_endpoint, solve_mode
+from .solve import linear_solve_endpoint, OPTIONS as SOLVE_OPTIONS, solve_mode
+from .upstream import confine_binrefs
 
 
 # tesseract-core's `create_rest_api` wraps these (run folder, Accept negotiation).
@@ -68,10 +70,36 @@ _COMPUTATIONAL = (
 )
 
 
-def _load(api_path_or_module: str | Path | types.ModuleType) -> types.ModuleType:
+def _load(
+    api_path_or_module: str | Path | types.ModuleType,
+) -> tuple[types.ModuleType, bool | None]:
+    """`(module, x64)`: the loaded `tesseract_api`, and JAX's float64 setting it
+    switched to when imported (`None`: it left it alone).
+
+    Loading by path may happen in the caller's process (`tlx.Client.from_api`), whose
+    global state is not ours to change: what the import changed there is put back,
+    and the Tesseract's own x64 setting is applied to its code only (`Runner`).
+    tesseract-core's loader also copies `sys.path` into `PYTHONPATH` (for a server's
+    subprocesses: `asgi.py` loads it so, and keeps that); the Tesseract's folder stays
+    on `sys.path`, which its own imports, late ones too, need.
+    """
     if isinstance(api_path_or_module, types.ModuleType):
-        return api_path_or_module
-    return load_module_from_path(api_path_or_module)
+        return api_path_or_module, None
+    import jax
+
+    environ = os.environ.get("PYTHONPATH")
+    x64 = bool(jax.config.values["jax_enable_x64"])
+    try:
+        module = load_module_from_path(api_path_or_module)
+    finally:
+        if environ is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = environ
+        own = bool(jax.config.values["jax_enable_x64"])
+        if own != x64:
+            jax.config.update("jax_enable_x64", x64)
+    return module, (own if own != x64 else None)
 
 
 def _positive(name: str, value: int) -> int:
@@ -113,13 +141,16 @@ def create_app(
 
     A malformed `TESSERACT_LX` declaration raises a `ValueError` naming the key.
     """
+    # Before anything is served: the server does not run without its binref guard.
+    confine_binrefs()
     max_batch = _positive("max_batch", max_batch)
     max_body_bytes = _positive("max_body_bytes", max_body_bytes)
     workers = _positive("workers", workers)
     config = get_config()
     debug = bool(debug or config.debug)
 
-    api_module = _load(api_path_or_module)
+    api_module, x64 = _load(api_path_or_module)
+    runner = Runner(run_folders=run_folders, x64=x64)
     declaration = read_declaration(api_module)
     jaxy = uses_jax(api_module)
 
@@ -151,7 +182,7 @@ def create_app(
         cache=lin_cache,
         settings=settings,
         cache_off=cache_off,
-        precision=compute_precision(api_module, declaration),
+        precision=runner.scoped(compute_precision)(api_module, declaration),
         workers=workers,
         max_batch=max_batch,
         max_body_bytes=max_body_bytes,
@@ -167,12 +198,12 @@ def create_app(
         redoc_url="/docs",
         debug=debug,
     )
-    runner = Runner(run_folders=run_folders)
     add_error_handlers(app, debug)
     # The computational routes, for the lean path too (`lean.py`).
     lean: dict[str, LeanRoute] = {}
 
-    output_shapes = output_shapes_fn(api_module)
+    # Also called while FastAPI validates a payload (the batched VJP's shapes).
+    output_shapes = runner.scoped(output_shapes_fn(api_module))
     for name, fn in stock.items():
         if name == "test" and not debug:
             continue
@@ -205,6 +236,7 @@ def create_app(
     solve_mode_ = solve_mode(api_module, state)
     if solve_mode_ is not None:
         modes[LINEAR_SOLVE] = solve_mode_
+        state.solve_options = SOLVE_OPTIONS
         fn, check = linear_solve_endpoint(api_module, stock, state, output_shapes, jaxy)
         route = computational_route(fn, runner, check=check)
         app.add_api_route(f"/{LINEAR_SOLVE}", route, methods=["POST"])
@@ -218,6 +250,8 @@ def create_app(
 
     if config.gpu_transport != "none":
         add_gpu_transport_handling(app)
+    # Outermost: every route validates its arrays with binrefs confined (`guard.py`).
+    app.add_middleware(Confine)
 
     generate_openapi = app.openapi
 

@@ -23,6 +23,7 @@ import traceback
 from typing import NoReturn
 
 from fastapi import FastAPI
+from tesseract_core.runtime.core import load_module_from_path
 from uvicorn.config import STARTUP_FAILURE
 
 from .app import create_app
@@ -49,8 +50,11 @@ def create_app_from_env() -> FastAPI:
             "PATH/tesseract_api.py`."
         )
     try:
+        # tesseract-runtime's loader, as it is: in a server process, the Tesseract's
+        # folder goes into `PYTHONPATH` for its subprocesses.
+        module = load_module_from_path(path)
         return create_app(
-            path,
+            module,
             cache=CacheSettings.from_env(),
             run_folders=_flag("TESSERACT_LX_RUN_FOLDERS", False),
             debug=_flag("TESSERACT_DEBUG", False),

@@ -291,9 +291,13 @@ class LinearisationCache:
                 return key, linearise, leaves
         import jax
 
+        # The jitted function outlives this request: its template keeps the point's
+        # structure and non-array values, not its arrays (those come as `leaves`).
+        template = trees.rebuild(inputs, (), dict.fromkeys(paths))
+
         def traced(leaves: list, vec: dict) -> Any:
             self.compiles += 1  # once per trace, not per call
-            point = trees.traced(inputs, skeleton, dict(zip(paths, leaves)))
+            point = trees.traced(template, skeleton, dict(zip(paths, leaves)))
             return jax.linearize(lambda v: fn(point, set(ins), set(outs), v), vec)
 
         linearise = jax.jit(traced)

@@ -152,6 +152,10 @@ def _run(host: str, port: int, workers: int) -> None:
         workers=workers,
         # As tesseract-runtime: requests are long, reconnecting is not free.
         timeout_keep_alive=60,
+        # uvicorn kills a worker that does not answer its supervisor's ping within
+        # this many seconds, and a worker cannot answer while it imports JAX and
+        # the Tesseract: 5 s (the default) is not enough on a loaded machine.
+        timeout_worker_healthcheck=120,
     )
     try:
         if config.workers > 1:

@@ -73,6 +73,7 @@ class ServerState:
         (`enabled=False` when switched off), `cache_off` why it is off.
     - `precision`, `workers`, `max_batch`, `max_body_bytes`: as reported.
     - `binary`: whether the computational endpoints take binary bodies (`lean.py`).
+    - `solve_options`: the lineax `options` `/linear_solve` takes (`()` without it).
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class ServerState:
         max_batch: int,
         max_body_bytes: int,
         binary: bool = False,
+        solve_options: tuple[str, ...] = (),
     ):
         self.declaration = declaration
         self.modes = modes
@@ -99,6 +101,7 @@ class ServerState:
         self.max_batch = max_batch
         self.max_body_bytes = max_body_bytes
         self.binary = binary
+        self.solve_options = solve_options
 
     def fall_back(self, endpoint: str) -> None:
         """`endpoint` loops from now on (and `/openapi.json` says so)."""
@@ -120,6 +123,7 @@ class ServerState:
             max_body_bytes=self.max_body_bytes,
             binary=MEDIA_TYPE if self.binary else None,
             cache=tuple(sorted(self.cache_info().items())),
+            linear_solve_options=self.solve_options,
         )
 
     def info(self) -> dict[str, Any]:

@@ -3,33 +3,34 @@
 tesseract-core reads a `json+binref` array from the path in its `buffer`, joined to
 `TESSERACT_INPUT_PATH` when relative, but absolute paths, `../` and URLs (through
 fsspec) are read as given: any file the server can read, or any address it can reach,
-could be loaded into a Tesseract's inputs. `BinrefGuard` looks at every request body
-that mentions `binref` before the app does, and answers 422 for a buffer whose path is
-absolute, a URL, or climbs out with `..`, naming the field. Bodies without `binref` are
-passed through untouched (one substring search).
+could be loaded into a Tesseract's inputs. The server refuses such a buffer with a
+422 naming the field (`refusal`), decided on *parsed* values, never on raw bytes
+(`"\\u0062inref"` is `"binref"`), at two places:
+
+- **where arrays are decoded** (the decision): `Confine`, the app's outermost
+    middleware, marks every request (`upstream.confined()`), and tesseract-core's
+    binref loader, wrapped once by `upstream.confine_binrefs`, refuses a buffer
+    outside the folder while a request is marked. This holds for every route, JSON or
+    binary body, whatever reaches tesseract-core's array validation. (Our own array
+    decoder, `.._wire.encoding.decode_array`, reads no binref at all.)
+- **before the app parses the body** (an early answer, the same 422): `BinrefGuard`
+    parses a JSON body with the parser FastAPI then uses (`json.loads`: the same
+    bytes give the same tree) whenever the body could spell `binref`, and refuses by
+    `find_escape`. Only a `\\uXXXX` escape spells a letter in JSON, so a UTF-8 body
+    without `binref` and without `\\u` holds no string equal to `"binref"`; a body in
+    UTF-16 or UTF-32 (`json.loads` takes those too) is always parsed. A body it cannot
+    parse is left to the app, which cannot parse it either. The binary route
+    (`lean.py`) checks its decoded tree by `find_escape` likewise.
 """
 
 import json
 import re
 from typing import Any
 
-import orjson
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-_BUFFER = re.compile(r"^(?P<path>.+?)(:\d+(:\d+)?)?$")
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-
-
-def _outside(buffer: str) -> bool:
-    match = _BUFFER.match(buffer)
-    path = match.group("path") if match else buffer
-    return (
-        path.startswith(("/", "\\", "~"))
-        or _SCHEME.match(path) is not None
-        or ".." in re.split(r"[/\\]", path)
-    )
+from .upstream import confined, outside, REFUSAL, REFUSED
 
 
 def find_escape(tree: Any, where: str = "") -> str | None:
@@ -37,8 +38,7 @@ def find_escape(tree: Any, where: str = "") -> str | None:
     if isinstance(tree, dict):
         data = tree.get("data")
         if isinstance(data, dict) and data.get("encoding") == "binref":
-            buffer = data.get("buffer")
-            if not isinstance(buffer, str) or _outside(buffer):
+            if outside(data.get("buffer")):
                 return where or "body"
         for key, value in tree.items():
             found = find_escape(value, f"{where}.{key}" if where else str(key))
@@ -52,8 +52,29 @@ def find_escape(tree: Any, where: str = "") -> str | None:
     return None
 
 
+def may_spell_binref(body: bytes) -> bool:
+    """Whether `json.loads(body)` could hold the string `"binref"` (see the module
+    docstring): `False` only when it provably cannot."""
+    if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
+        return True
+    # In UTF-8, ASCII bytes never occur inside a multi-byte character.
+    return b"binref" in body or b"\\u" in body
+
+
+class Confine:
+    """ASGI middleware: every request is validated with binrefs confined to the input
+    folder (`upstream.confined`); outermost, so every route is."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with confined():
+            await self.app(scope, receive, send)
+
+
 class BinrefGuard:
-    """ASGI middleware: a 422 for a `binref` buffer outside the input folder."""
+    """ASGI middleware: an early 422 for a `binref` buffer outside the input folder."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -74,11 +95,13 @@ class BinrefGuard:
             await _respond(send, e.status_code, str(e.detail))
             return
         body = b"".join(chunks)
-        if b"binref" in body:
+        if may_spell_binref(body):
             try:
-                where = find_escape(orjson.loads(body))
-            except orjson.JSONDecodeError:
-                where = None  # the app answers a malformed body itself
+                where = find_escape(json.loads(body))
+            except (ValueError, RecursionError):
+                # Malformed (the app says so), or too deep to walk here: the
+                # decoder's guard decides.
+                where = None
             if where is not None:
                 await _respond(send, 422, refusal(where))
                 return
@@ -96,12 +119,8 @@ class BinrefGuard:
 
 def refusal(where: str) -> list[dict]:
     """The 422 `detail` for `find_escape`'s finding, as FastAPI answers a 422 (and
-    `/openapi.json` documents it)."""
-    msg = (
-        "a binref array must name a file inside the server's input folder, by a "
-        "relative path without `..`; absolute paths and URLs are refused."
-    )
-    return [{"type": "value_error", "loc": _loc(where), "msg": msg}]
+    `/openapi.json` documents it), and as the decoder's guard words it."""
+    return [{"type": REFUSED, "loc": _loc(where), "msg": REFUSAL}]
 
 
 def _loc(where: str) -> list:

@@ -11,7 +11,8 @@ the same as on the JSON route:
 
 - the body is decoded without JSON parsing or base64 of the arrays (`binary.decode`:
     views of the body's bytes) and checked for `binref` paths outside the input
-    folder (`guard.find_escape`), as any body is;
+    folder (`guard.find_escape` on the decoded tree; tesseract-core's loader refuses
+    them too, as for any body: `guard.py`);
 - it is validated by the endpoint's own payload model, as FastAPI validates it, from
     NumPy arrays instead of base64 text: the same shapes, dtypes and 422s (in
     FastAPI's form, `loc` starting with `"body"`);
@@ -130,9 +131,10 @@ class BinaryRoutes:
         if where is not None:
             return _unprocessable(refusal(where))
         try:
-            payload = route.payload.model_validate(tree)
-            if route.check is not None:
-                route.check(payload)
+            with self.runner.scope():  # validators may run the Tesseract's code
+                payload = route.payload.model_validate(tree)
+                if route.check is not None:
+                    route.check(payload)
         except ValidationError as e:
             return _unprocessable(_errors(e.errors(include_url=False)))
         except RequestValidationError as e:

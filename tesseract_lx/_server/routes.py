@@ -24,6 +24,8 @@ in debug mode. Request validation keeps FastAPI's 422; `HTTPException`s keep the
 status.
 """
 
+import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -50,6 +52,7 @@ from tesseract_core.runtime.schema_types import ShapeDType
 from tesseract_core.runtime.serve import create_response, negotiate_encoding
 
 from .._wire.spec import error_body
+from .upstream import current_backend
 
 
 logger = logging.getLogger("tesseract_lx.server")
@@ -124,11 +127,11 @@ class _NullBackend(mpa.BaseBackend):
 
 @contextmanager
 def _null_run() -> Iterator[None]:
-    token = mpa._current_backend.set(_NullBackend())
+    token = current_backend.set(_NullBackend())
     try:
         yield
     finally:
-        mpa._current_backend.reset(token)
+        current_backend.reset(token)
 
 
 class Runner:
@@ -138,11 +141,36 @@ class Runner:
 
     - `run_folders`: give every computational request a `run_<id>/` folder with its
         logs and stdout/stderr, as tesseract-runtime does.
+    - `x64`: JAX's float64 setting the Tesseract's code runs with, in the running
+        thread only (`jax.enable_x64`); `None`: the process's. Set for a Tesseract
+        loaded in a caller's process that switched it at import (`app._load` put the
+        process's setting back).
     """
 
-    def __init__(self, *, run_folders: bool):
+    def __init__(self, *, run_folders: bool, x64: bool | None = None):
         self.run_folders = run_folders
+        self.x64 = x64
         self._lock = threading.Lock()
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """The Tesseract's own settings, in this thread, while in the block."""
+        if self.x64 is None:
+            return contextlib.nullcontext()
+        import jax
+
+        return jax.enable_x64(self.x64)
+
+    def scoped(self, fn: Callable) -> Callable:
+        """`fn`, run within `scope()`."""
+        if self.x64 is None:
+            return fn
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with self.scope():
+                return fn(*args, **kwargs)
+
+        return run
 
     def call(
         self, endpoint: str, fn: Callable[[], Any], *, rundir: str | None = None
@@ -157,7 +185,7 @@ class Runner:
                     run = mpa.start_run(base_dir=rundir)
                 else:
                     run = _null_run()
-                with run:
+                with run, self.scope():
                     with profiler:
                         result = fn()
                     # Inside the run: the stats go to its log, as on tesseract-core.
@@ -208,7 +236,8 @@ def computational_route(
 
         def compute_and_encode() -> Any:
             if check is not None:
-                check(payload)
+                with runner.scope():
+                    check(payload)
             result = runner.call(name, lambda: endpoint(payload), rundir=rundir)
 
             def make_response(device_exports: Any = None) -> Any:
@@ -291,7 +320,8 @@ def plain_route(
 
     def route(*args: Any, **kwargs: Any) -> Any:
         if check is not None:
-            check(*args, **kwargs)
+            with runner.scope():
+                check(*args, **kwargs)
         return runner.call(name, lambda: endpoint(*args, **kwargs))
 
     route.__signature__ = inspect.signature(endpoint)  # type: ignore[attr-defined]

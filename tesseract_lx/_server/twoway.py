@@ -6,6 +6,12 @@ in NumPy, or a JAX one built on `pure_callback`, as tesseract-core's
 `jvp_from_jacobian` is) has no transpose rule; its transpose is the Tesseract's
 `vector_jacobian_product`, and this operator says so: `mv` is one function, `.T.mv`
 the other. LSMR, `Normal` and transposed solves then run on such Tesseracts too.
+
+What the two functions read of a request (in `/linear_solve`, the handle of its primal
+point) is `args`, an operand of the operator rather than a closure: lineax binds its
+solve as a primitive, which sees an operator's arrays only in its fields; a static
+function closing over a traced value leaks the tracer into the primitive's parameters,
+and the solve does not compile.
 """
 
 from collections.abc import Callable
@@ -19,27 +25,29 @@ import lineax as lx
 
 
 class TwoWay(lx.AbstractLinearOperator):
-    """`mv` is `fn`, `transpose().mv` is `fn_t`; structures as given; tags unchecked."""
+    """`mv(v)` is `fn(args, v)`, `transpose().mv(w)` is `fn_t(args, w)`; structures
+    as given; tags unchecked."""
 
     fn: Callable = eqx.field(static=True)
     fn_t: Callable = eqx.field(static=True)
+    args: Any
     ins: Any = eqx.field(static=True)
     outs: Any = eqx.field(static=True)
     tags: frozenset = eqx.field(static=True)
 
     def mv(self, vector):
-        return self.fn(vector)
+        return self.fn(self.args, vector)
 
     def as_matrix(self):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.ins)
         flat, unravel = jfu.ravel_pytree(zeros)
-        columns = jax.vmap(lambda e: jfu.ravel_pytree(self.fn(unravel(e)))[0])
+        columns = jax.vmap(lambda e: jfu.ravel_pytree(self.mv(unravel(e)))[0])
         return columns(jnp.eye(flat.size, dtype=flat.dtype)).T
 
     def transpose(self):
         if lx.symmetric_tag in self.tags:
             return self
-        return TwoWay(self.fn_t, self.fn, self.outs, self.ins, self.tags)
+        return TwoWay(self.fn_t, self.fn, self.args, self.outs, self.ins, self.tags)
 
     def in_structure(self):
         return self.ins

@@ -1,5 +1,9 @@
 """lineax's iterative solvers as JSON, for `POST /linear_solve`: both ends read this.
 
+Pure data (pydantic models of the JSON, no lineax): the client makes a spec of a
+lineax solver (`.._solvers.to_spec`), the server a lineax solver of a spec
+(`.._server.krylov.lineax_solver`).
+
 A solver travels as `{"name": ..., settings}`:
 
 | name | settings |
@@ -12,13 +16,11 @@ A solver travels as `{"name": ..., settings}`:
 
 `max_steps` may be `null` (lineax's default: 10 times the size). Norms are lineax's
 default (the max norm): a solver with another norm does not travel. Results travel by
-name (`RESULTS_NAMES`): lineax's `RESULTS` item names.
+name: lineax's `RESULTS` item names.
 """
 
-import dataclasses
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import lineax as lx
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 
@@ -66,57 +68,3 @@ SolverSpec = Annotated[
 ]
 
 NAMES = ("GMRES", "BiCGStab", "CG", "LSMR", "Normal")
-RESULTS_NAMES = tuple(lx.RESULTS._name_to_item)  # pyright: ignore[reportAttributeAccessIssue]
-
-
-def _settings(solver: Any, keys: tuple[str, ...]) -> dict[str, Any]:
-    out = {}
-    for key in keys:
-        value = getattr(solver, key)
-        out[key] = value if value is None else type(value)(value)
-    return out
-
-
-def _default_norm(solver: Any) -> bool:
-    fields = {f.name: f for f in dataclasses.fields(solver)}
-    return "norm" not in fields or solver.norm is fields["norm"].default
-
-
-def to_spec(solver: lx.AbstractLinearSolver) -> dict[str, Any]:
-    """The JSON of a lineax solver; a `TypeError` naming the solvers that travel."""
-    base = ("rtol", "atol", "max_steps")
-    if not _default_norm(solver):
-        raise TypeError(
-            f"{type(solver).__name__} with a norm of its own cannot run on the server "
-            "(a function does not travel): use lineax's default norm."
-        )
-    if isinstance(solver, lx.GMRES):
-        keys = (*base, "restart", "stagnation_iters")
-        return {"name": "GMRES", **_settings(solver, keys)}
-    if isinstance(solver, lx.BiCGStab):
-        return {"name": "BiCGStab", **_settings(solver, base)}
-    if isinstance(solver, lx.CG):
-        return {"name": "CG", **_settings(solver, (*base, "stabilise_every"))}
-    if isinstance(solver, lx.LSMR):
-        return {"name": "LSMR", **_settings(solver, (*base, "conlim"))}
-    if isinstance(solver, lx.Normal) and not isinstance(solver.inner_solver, lx.Normal):
-        return {"name": "Normal", "inner": to_spec(solver.inner_solver)}
-    raise TypeError(
-        f"{type(solver).__name__} cannot run on the server: `tlx.OnServer` takes "
-        f"lineax's iterative solvers, {', '.join(f'lx.{n}' for n in NAMES)} (Normal "
-        "of one of the others)."
-    )
-
-
-def from_spec(spec: BaseModel) -> lx.AbstractLinearSolver:
-    """The lineax solver of a validated `SolverSpec`."""
-    if isinstance(spec, NormalSpec):
-        return lx.Normal(from_spec(spec.inner))
-    settings = spec.model_dump(exclude={"name"})
-    solver_type = {
-        GMRESSpec: lx.GMRES,
-        BiCGStabSpec: lx.BiCGStab,
-        CGSpec: lx.CG,
-        LSMRSpec: lx.LSMR,
-    }[type(spec)]
-    return solver_type(**settings)

@@ -17,8 +17,9 @@ Both sides import this module and nothing else of each other: the server writes 
   stacked axis: points may differ in anything their schema allows, and no Tesseract
   is assumed to map over a leading axis.
 - `/linear_solve`: a lineax solve of the Jacobian at a point, for K right-hand
-  sides, in one request (`_server/solve.py`, `_wire/solvers.py`); its mode is
-  `"linearise"` or `"function"`.
+  sides, in one request (`_server/krylov.py`, `_wire/solvers.py`); its mode is
+  `"linearise"` or `"function"`, and the lineax `options` it takes (an initial guess
+  `y0` per right-hand side) are stated in `linear_solve_options`.
 
 How the server computes each batch (`modes`): `"own"` (the Tesseract's own
 `batched_*` function), `"vmap"` (`jax.vmap` of its function, tried when it is JAX
@@ -135,6 +136,13 @@ class Declaration:
         return cls(pure=pure, precision=precision, apply_batch_axis=axis)
 
 
+def _names(raw: Any) -> tuple[str, ...]:
+    """A list of names as stated; anything else states nothing (never guessed)."""
+    if not isinstance(raw, list | tuple):
+        return ()
+    return tuple(x for x in raw if isinstance(x, str))
+
+
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
     """What a server says it can do (`x-tesseract-lx`); a stock server says nothing.
@@ -150,6 +158,9 @@ class Capabilities:
     - `binary`: the media type of the binary bodies its computational endpoints take
         and answer (`binary.MEDIA_TYPE`), `None` if JSON only.
     - `cache`: the linearisation cache's settings and counters (informative).
+    - `linear_solve_options`: the lineax `options` its `/linear_solve` takes (e.g.
+        `("y0",)`); `()` when it states none (a stock or older server): then none
+        is sent.
     """
 
     version: str | None = None
@@ -161,6 +172,7 @@ class Capabilities:
     max_body_bytes: int | None = None
     binary: str | None = None
     cache: tuple[tuple[str, Any], ...] = ()
+    linear_solve_options: tuple[str, ...] = ()
 
     @classmethod
     def stock(cls) -> "Capabilities":
@@ -184,6 +196,7 @@ class Capabilities:
             "max_body_bytes": self.max_body_bytes,
             "binary": self.binary,
             "linearisation_cache": dict(self.cache),
+            "linear_solve_options": list(self.linear_solve_options),
         }
 
     @classmethod
@@ -201,6 +214,7 @@ class Capabilities:
             max_body_bytes=d.get("max_body_bytes"),
             binary=d.get("binary") if isinstance(d.get("binary"), str) else None,
             cache=tuple(sorted((d.get("linearisation_cache") or {}).items())),
+            linear_solve_options=_names(d.get("linear_solve_options")),
         )
 
     @classmethod

@@ -95,6 +95,6 @@ def batched_apply(inputs: list[InputSchema]) -> list[dict]:
     CALLS["batched_apply"] += 1
     outs = []
     for point in inputs:
-        x, a = np.asarray(point.x), float(point.a)
+        x, a = np.asarray(point.x), float(point.a)  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
         outs.append({"y": a * np.sin(x), "s": np.sum(x**2)})
     return outs

@@ -39,7 +39,7 @@ class InputSchema(BaseModel):
     @model_validator(mode="after")
     def _shapes(self):
         # Shapes only: abstract inputs (`/abstract_eval`) have no values.
-        xs, as_ = tuple(self.x.shape), tuple(self.a.shape)
+        xs, as_ = tuple(self.x.shape), tuple(self.a.shape)  # pyright: ignore[reportAttributeAccessIssue]  # Differentiable[...] is runtime-only
         if len(xs) < 1:
             raise ValueError("`x` needs at least one axis (its rows are normalised).")
         if as_ != xs[: len(as_)]:
@@ -64,7 +64,7 @@ def apply_jit(inputs: dict) -> dict:
     }
 
 
-def apply(inputs: InputSchema) -> OutputSchema:
+def apply(inputs: InputSchema) -> dict[str, Any]:
     CALLS["apply"] += 1
     return jax_apply(apply_jit, inputs)
 

@@ -18,4 +18,4 @@ class OutputSchema(BaseModel):
 
 
 def apply(inputs: InputSchema) -> OutputSchema:
-    return OutputSchema(y=jnp.sin(jnp.asarray(inputs.x, jnp.float32)))
+    return OutputSchema(y=jnp.sin(jnp.asarray(inputs.x, jnp.float32)))  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only

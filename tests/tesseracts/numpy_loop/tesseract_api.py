@@ -21,8 +21,8 @@ class OutputSchema(BaseModel):
 
 
 def apply(inputs: InputSchema) -> OutputSchema:
-    x, a = np.asarray(inputs.x), float(inputs.a)
-    return OutputSchema(y=a * np.sin(x), s=np.sum(x**2))
+    x, a = np.asarray(inputs.x), float(inputs.a)  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
+    return OutputSchema(y=a * np.sin(x), s=np.sum(x**2))  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
 
 
 def _zero(v):
@@ -35,7 +35,7 @@ def jacobian_vector_product(
     jvp_outputs: set[str],
     tangent_vector: dict[str, Any],
 ):
-    x, a = np.asarray(inputs.x), float(inputs.a)
+    x, a = np.asarray(inputs.x), float(inputs.a)  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
     dx = np.asarray(tangent_vector.get("x", _zero(x)))
     da = float(np.asarray(tangent_vector.get("a", 0.0)))
     out = {"y": a * np.cos(x) * dx + np.sin(x) * da, "s": np.float64(2 * x @ dx)}
@@ -48,7 +48,7 @@ def vector_jacobian_product(
     vjp_outputs: set[str],
     cotangent_vector: dict[str, Any],
 ):
-    x, a = np.asarray(inputs.x), float(inputs.a)
+    x, a = np.asarray(inputs.x), float(inputs.a)  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
     cy = np.asarray(cotangent_vector.get("y", _zero(x)))
     cs = float(np.asarray(cotangent_vector.get("s", 0.0)))
     out = {"x": a * np.cos(x) * cy + 2 * x * cs, "a": np.float64(np.sin(x) @ cy)}

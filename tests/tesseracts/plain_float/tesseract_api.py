@@ -25,7 +25,7 @@ class OutputSchema(BaseModel):
 
 def apply(inputs: InputSchema) -> OutputSchema:
     y = inputs.scale * np.asarray(inputs.x)
-    return OutputSchema(y=y, peak=float(np.max(y)) if y.size else inputs.scale)
+    return OutputSchema(y=y, peak=float(np.max(y)) if y.size else inputs.scale)  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
 
 
 def jacobian_vector_product(

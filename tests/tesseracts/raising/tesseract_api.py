@@ -36,7 +36,7 @@ def apply(inputs: InputSchema) -> OutputSchema:
     log_parameter("n", int(x.size))
     log_metric("x0", float(x[0]))
     print("raising: apply at x[0] =", float(x[0]))
-    return OutputSchema(y=2 * x)
+    return OutputSchema(y=2 * x)  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
 
 
 def jacobian_vector_product(

@@ -24,7 +24,7 @@ class OutputSchema(BaseModel):
 
 
 def apply(inputs: InputSchema) -> OutputSchema:
-    return OutputSchema(y=3 * np.asarray(inputs.x))
+    return OutputSchema(y=3 * np.asarray(inputs.x))  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
 
 
 def jacobian_vector_product(

@@ -31,14 +31,14 @@ def _lap(x: np.ndarray) -> np.ndarray:
 
 def _point(inputs: InputSchema):
     x, f = np.asarray(inputs.x, np.float64), np.asarray(inputs.f, np.float64)
-    return x, float(inputs.k), float(inputs.c), f
+    return x, float(inputs.k), float(inputs.c), f  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
 
 
 def apply(inputs: InputSchema) -> OutputSchema:
     x, k, c, f = _point(inputs)
     return OutputSchema(
-        residual=k * _lap(x) + c * x**3 - f,
-        energy=0.5 * k * x @ _lap(x) + 0.25 * c * np.sum(x**4) - f @ x,
+        residual=k * _lap(x) + c * x**3 - f,  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
+        energy=0.5 * k * x @ _lap(x) + 0.25 * c * np.sum(x**4) - f @ x,  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
     )
 
 

@@ -44,7 +44,7 @@ def _stall(endpoint: str, inputs: InputSchema) -> np.ndarray:
 
 def apply(inputs: InputSchema) -> OutputSchema:
     x = _stall("apply", inputs)
-    return OutputSchema(y=x**3 + x - np.asarray(inputs.b))
+    return OutputSchema(y=x**3 + x - np.asarray(inputs.b))  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
 
 
 def jacobian_vector_product(

@@ -32,7 +32,7 @@ def apply(inputs: InputSchema) -> OutputSchema:
     global scale
     y = scale * jnp.asarray(inputs.x)
     scale += 1.0
-    return OutputSchema(y=y)
+    return OutputSchema(y=y)  # pyright: ignore[reportArgumentType]  # Differentiable[...] is runtime-only
 
 
 def jacobian_vector_product(
