@@ -49,14 +49,14 @@ case "$job" in
         export PATH="$PWD/.venv312/bin:$PATH"
         python -c 'import sys, jax; print(f"Python {sys.version.split()[0]}, jax {jax.__version__}")'
         # The drop-in (tesseract-jax's function, and parity with it) over every
-        # transport; the module, the operators and OnServer without the stock server
-        # (the drop-in covers it); tesseract-core's examples' apply, JVP and VJP in
-        # process.
+        # transport; the module, the operators and OnServer over `tesseract-lx serve`
+        # only (the drop-in covers the stock server, the first leg the in-process
+        # transport); tesseract-core's examples' apply, JVP and VJP in process.
         upstream="test_upstream.py and inprocess and (test_apply or test_jvp or test_vjp)"
         exec python -m pytest -q --durations=10 \
             tests/test_parity.py tests/test_apply.py tests/test_module.py \
             tests/test_operator.py tests/test_onserver.py tests/test_upstream.py \
-            -k "test_parity.py or test_apply.py or ($upstream) or (not test_upstream.py and not stock)" \
+            -k "test_parity.py or test_apply.py or ($upstream) or (not test_upstream.py and not stock and not inprocess)" \
             "$@" ;;
     demo) extra=demo ;;
     test | bench | docs) extra=dev ;;
