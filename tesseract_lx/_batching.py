@@ -134,7 +134,8 @@ class Decision:
 
     - `kind`: the endpoint asked for (`"jacobian_vector_product"`,
         `"vector_jacobian_product"`, `"apply"` for a batch of points, or
-        `"linear_solve"` for a solve `tlx.OnServer` ran locally).
+        `"linear_solve"` or `"nonlinear_solve"` for a solve `tlx.OnServer` ran
+        locally).
     - `k`: how many items (points x (co)tangents).
     - `chosen`: the rule (`"sequential"`, `"concurrent"`, `"jacobian"`, `"batched"`;
         `"local"` for an `OnServer` solve run here).

@@ -1,4 +1,5 @@
-"""`OnServer`: a lineax solver whose Krylov loop runs next to the Tesseract.
+"""`OnServer`: a lineax solver whose Krylov loop runs next to the Tesseract (and, of
+an optimistix solver, a whole nonlinear solve there: `_onserver_nonlinear.py`).
 
 `tlx.OnServer(lx.GMRES(rtol=1e-8, atol=1e-8))` is an `lx.AbstractLinearSolver`.
 Given a `TesseractJacobianOperator` or a `TesseractLinearOperator` (or a transpose),
@@ -23,10 +24,12 @@ import jax.extend
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
+import optimistix as optx
 
 from . import _linear_map as linear_map, _solvers as solvers
 from ._batching import Decision
 from ._fallback import fall_back
+from ._onserver_nonlinear import OnServerLeastSquares, OnServerRootFinder
 from ._operator import AbstractTesseractOperator, pack, unpack
 from ._primitive import jvp_p
 from ._solve import run_solve
@@ -152,17 +155,38 @@ def _packed(structure: Any, names: tuple[str, ...]) -> bool:
     )
 
 
-class OnServer(lx.AbstractLinearSolver):
+class _ByKind(type(lx.AbstractLinearSolver)):
+    """`OnServer(solver)` is of the kind `solver` is: a lineax solver, an optimistix
+    root finder, or an optimistix least-squares solver (optimistix tells them apart
+    by class, so one class cannot be all three)."""
+
+    def __call__(cls, solver: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if cls is OnServer:
+            if isinstance(solver, optx.AbstractRootFinder):
+                return OnServerRootFinder(solver, *args, **kwargs)
+            if isinstance(solver, optx.AbstractLeastSquaresSolver):
+                return OnServerLeastSquares(solver, *args, **kwargs)
+        return super().__call__(solver, *args, **kwargs)
+
+
+class OnServer(lx.AbstractLinearSolver, metaclass=_ByKind):
     """Run `solver`'s whole solve on the Tesseract's server: one request per solve.
 
     **Arguments:**
 
     - `solver`: a lineax iterative solver: `lx.GMRES`, `lx.BiCGStab`, `lx.CG`,
-        `lx.LSMR`, or `lx.Normal` of one of them, with lineax's default norm.
+        `lx.LSMR`, or `lx.Normal` of one of them, with lineax's default norm; or an
+        optimistix solver, `optx.Newton`, `optx.Chord` (then this is an
+        `optx.AbstractRootFinder`), `optx.GaussNewton` or `optx.LevenbergMarquardt`
+        (an `optx.AbstractLeastSquaresSolver`), with optimistix's default norm, and a
+        step solver among `lx.LU`, `lx.QR`, `lx.SVD`, `lx.AutoLinearSolver`,
+        `lx.GMRES`, `lx.BiCGStab`, `lx.CG` (or `tlx.OnServer` of one).
     - `allow_local`: where the solve cannot go to the server, run `solver` here
         (`True`, the default: the same numbers, one request per mat-vec, with a
         `tlx.FallbackWarning` and a `Decision`) or raise a `ValueError` saying why
         (`False`).
+    - `max_steps`: of an optimistix solver only, the most steps the server's solve
+        takes (default 256, optimistix's default).
 
     Used as any lineax solver: `lx.linear_solve(J, b, tlx.OnServer(lx.GMRES(...)))`,
     `optx.Newton(..., linear_solver=tlx.OnServer(...))`. The solve goes to the server
@@ -181,6 +205,23 @@ class OnServer(lx.AbstractLinearSolver):
 
     A solve that fails on the server (`max_steps` reached, breakdown) reports
     lineax's own result, so `throw=True` raises lineax's error.
+
+    **Of an optimistix solver**, `optx.root_find(tlx.residual_fn(f, wrt=..., of=...),
+    tlx.OnServer(optx.Newton(...)), y0, args)` (and `optx.least_squares` likewise) is
+    one `/nonlinear_solve` request, whatever the number of steps: the server runs
+    optimistix on the Tesseract in process. `sol.stats["num_steps"]` is the server's
+    steps, `sol.result` its result, so `throw=True` raises optimistix's own message.
+    The server's solve takes at most 256 steps (optimistix's default `max_steps`;
+    `root_find`'s own `max_steps` bounds the steps counted here). A `jax.vmap` over
+    `y0` or `args` is one request per point. Gradients through the solution go
+    through optimistix's adjoint here (`ImplicitAdjoint`: the Jacobian at the root,
+    materialised by the module's batching rule, and one VJP; with
+    `ImplicitAdjoint(linear_solver=tlx.OnServer(lx.GMRES(...)))` one
+    `/linear_solve` and one VJP). It runs `solver` here instead, with a
+    `tlx.FallbackWarning` and a `Decision` (or a `ValueError` with
+    `allow_local=False`), where the residual is not one Tesseract's outputs as a
+    function of its inputs, the server has no `/nonlinear_solve` or does not run
+    the solver, `options` are given, or `has_aux=True`.
     """
 
     solver: lx.AbstractLinearSolver

@@ -93,8 +93,17 @@ def _merge_capabilities(
             for o in (served[0].linear_solve_options if served else ())
             if all(o in c.linear_solve_options for c in served)
         ),
+        # Solvers a whole nonlinear solve may ask for: those every replica runs.
+        nonlinear_solvers=_common(served, "nonlinear_solvers"),
+        nonlinear_step_solvers=_common(served, "nonlinear_step_solvers"),
     )
     return merged, disagreements
+
+
+def _common(served: Sequence[Capabilities], name: str) -> tuple[str, ...]:
+    """The names every tesseract-lx replica states under `name`."""
+    first = getattr(served[0], name) if served else ()
+    return tuple(n for n in first if all(n in getattr(c, name) for c in served))
 
 
 def _disagreement(name: str, values: Sequence[tuple[str, Any]], chosen: Any) -> str:

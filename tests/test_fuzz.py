@@ -1,15 +1,16 @@
 """Fuzzing: the server's endpoints against their own OpenAPI document, and the
 client's wire encoding.
 
-**The server.** Every computational endpoint of `tesseract-lx serve`, the batched ones
-and `/linear_solve` included, gets requests that schemathesis generates from the
-server's own `/openapi.json`: valid by the schema (`positive`) and invalid by it
-(`negative`).
+**The server.** Every computational endpoint of `tesseract-lx serve`, the batched
+ones, `/linear_solve` and `/nonlinear_solve` included, gets requests that
+schemathesis generates from the server's own `/openapi.json`: valid by the schema
+(`positive`) and invalid by it (`negative`).
 `examples/tesseracts/pytree` (nested inputs, a static int) runs in a real server
 process over HTTP, `examples/tesseracts/bratu` in process (schemathesis' ASGI
 transport on `create_app`). What must hold, for every request:
 
-- no 5xx, but the one kind a schema cannot rule out (`_tesseracts_own_500`);
+- no 5xx, but the one kind a schema cannot rule out (`_tesseracts_own_500`), and
+    a nonlinear solve that failed when asked to `throw` (optimistix's message);
 - every 4xx carries a message (`detail`), every request invalid by the schema is a
     4xx, and every 200 is what the schema documents;
 - the server still answers correctly afterwards (no crash, no state poisoned).
@@ -74,6 +75,7 @@ ENDPOINTS = (
     "batched_jacobian_vector_product",
     "batched_vector_jacobian_product",
     "linear_solve",
+    "nonlinear_solve",
 )
 # Requests per endpoint and Tesseract (positive and negative together): the file
 # runs in well under a minute on 2 cores. More for a deeper search:
@@ -298,6 +300,51 @@ _SOLVERS = st.fixed_dictionaries(
 _SOLVERS = st.one_of(
     _SOLVERS, _SOLVERS.map(lambda inner: {"name": "Normal", "inner": inner})
 )
+_TOLERANCES = st.sampled_from([0.0, 1e-8, 1e-3])
+_STEP_SOLVERS = st.one_of(
+    st.none(),
+    st.fixed_dictionaries(
+        {"name": st.sampled_from(["LU", "QR", "SVD", "AutoLinearSolver"])}
+    ),
+    st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(["GMRES", "BiCGStab", "CG"]),
+            "rtol": _TOLERANCES,
+            "atol": _TOLERANCES,
+            "max_steps": st.integers(1, 10),
+        }
+    ),
+)
+_NONLINEAR = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(
+            ["Newton", "Chord", "GaussNewton", "LevenbergMarquardt"]
+        ),
+        "rtol": _TOLERANCES,
+        "atol": _TOLERANCES,
+        "linear_solver": _STEP_SOLVERS,
+    }
+)
+
+
+@st.composite
+def _nonlinear(draw, body: dict, fuzzed: Fuzzed) -> dict:
+    """`/nonlinear_solve`: mostly a square problem (every solver runs on it), an
+    initial value shaped as the point says (now and then a size too big), and a
+    solver that stops soon."""
+    if fuzzed.square and draw(st.integers(0, 3)) < 3:
+        wrt, of = map(list, zip(draw(st.sampled_from(fuzzed.square))))
+        body = {**body, "wrt": wrt, "of": of}
+    wrt = body.get("wrt")
+    out = {**body, "solver": draw(_NONLINEAR), "max_steps": draw(st.integers(1, 4))}
+    if draw(st.booleans()) and isinstance(wrt, list):
+        shape_of = lambda p: _at(body["inputs"], p)["shape"]  # noqa: E731
+        y0 = draw(_keyed(wrt, shape_of, None))
+        if y0 is not None:
+            out["y0"] = y0
+    if draw(st.booleans()):
+        out["tags"] = ["positive_semidefinite"]
+    return out
 
 
 @st.composite
@@ -308,6 +355,8 @@ def _vectors(draw, body: dict, fuzzed: Fuzzed, batched: bool) -> dict:
     that stops soon."""
     input_shape = lambda p: _at(body["inputs"], p)["shape"]  # noqa: E731
     output_shape = lambda p: fuzzed.out_shape(body["inputs"], p)  # noqa: E731
+    if "solver" in body and "of" in body:
+        return draw(_nonlinear(body, fuzzed))
     if "rhs" in body:
         ins, outs = body.get("jvp_inputs"), body.get("jvp_outputs")
         if not isinstance(ins, list) or not isinstance(outs, list):
@@ -449,11 +498,26 @@ def _tesseracts_own_500(fuzzed: Fuzzed, body: Any, answer: Any) -> bool:
     )
 
 
+def _thrown(body: Any, answer: Any) -> bool:
+    """A nonlinear solve that failed, asked to `throw`: a 500 with optimistix's
+    message (`docs/serving/spec.md`)."""
+    error = answer.get("error") if isinstance(answer, dict) else None
+    return (
+        isinstance(body, dict)
+        and body.get("throw") is True
+        and isinstance(error, dict)
+        and error.get("type") == "NonlinearSolveFailed"
+        and bool(error.get("message"))
+    )
+
+
 def _check(fuzzed: Fuzzed, case: Any, response: Any) -> None:
     status, answer = response.status_code, _json(response)
     where = f"{case.operation.path} answered {status}: {response.text[:2000]}"
     if status >= 500:
-        assert _tesseracts_own_500(fuzzed, case.body, answer), where
+        assert _tesseracts_own_500(fuzzed, case.body, answer) or _thrown(
+            case.body, answer
+        ), where
         return
     if status >= 400:
         assert _has_message(answer), where

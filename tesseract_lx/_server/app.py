@@ -40,6 +40,7 @@ from .._wire.spec import (
     BATCHED_VJP,
     EXTENSION,
     LINEAR_SOLVE,
+    NONLINEAR_SOLVE,
     VJP,
 )
 from .batched import batched_gradient_endpoint, gradient_mode
@@ -50,6 +51,12 @@ from .endpoints import cotangent_check, output_shapes_fn, stock_endpoints
 from .guard import BinrefGuard, Confine
 from .lean import BinaryRoutes, LeanRoute
 from .limits import BodyLimit, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES
+from .nonlinear import (
+    nonlinear_solve_endpoint,
+    serves_nonlinear,
+    SOLVERS as NONLINEAR_SOLVERS,
+    STEP_SOLVERS as NONLINEAR_STEP_SOLVERS,
+)
 from .routes import (
     add_error_handlers,
     check_abstract_shapes,
@@ -241,6 +248,15 @@ def create_app(
         route = computational_route(fn, runner, check=check)
         app.add_api_route(f"/{LINEAR_SOLVE}", route, methods=["POST"])
         lean[LINEAR_SOLVE] = LeanRoute(fn, fn.__annotations__["payload"], check)
+    if serves_nonlinear(api_module):
+        state.nonlinear_solvers = NONLINEAR_SOLVERS
+        state.nonlinear_step_solvers = NONLINEAR_STEP_SOLVERS
+        fn, check = nonlinear_solve_endpoint(
+            api_module, cached_module, stock, state, output_shapes, jaxy
+        )
+        route = computational_route(fn, runner, check=check)
+        app.add_api_route(f"/{NONLINEAR_SOLVE}", route, methods=["POST"])
+        lean[NONLINEAR_SOLVE] = LeanRoute(fn, fn.__annotations__["payload"], check)
 
     # Innermost first: each reads bodies already bounded by `BodyLimit`.
     app.add_middleware(BinrefGuard)

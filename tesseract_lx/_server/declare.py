@@ -74,6 +74,8 @@ class ServerState:
     - `precision`, `workers`, `max_batch`, `max_body_bytes`: as reported.
     - `binary`: whether the computational endpoints take binary bodies (`lean.py`).
     - `solve_options`: the lineax `options` `/linear_solve` takes (`()` without it).
+    - `nonlinear_solvers`, `nonlinear_step_solvers`: what `/nonlinear_solve` runs
+        (`()` without it).
     """
 
     def __init__(
@@ -102,6 +104,8 @@ class ServerState:
         self.max_body_bytes = max_body_bytes
         self.binary = binary
         self.solve_options = solve_options
+        self.nonlinear_solvers: tuple[str, ...] = ()
+        self.nonlinear_step_solvers: tuple[str, ...] = ()
 
     def fall_back(self, endpoint: str) -> None:
         """`endpoint` loops from now on (and `/openapi.json` says so)."""
@@ -124,6 +128,8 @@ class ServerState:
             binary=MEDIA_TYPE if self.binary else None,
             cache=tuple(sorted(self.cache_info().items())),
             linear_solve_options=self.solve_options,
+            nonlinear_solvers=self.nonlinear_solvers,
+            nonlinear_step_solvers=self.nonlinear_step_solvers,
         )
 
     def info(self) -> dict[str, Any]:

@@ -68,9 +68,10 @@ BATCHED_JVP = f"batched_{JVP}"
 BATCHED_VJP = f"batched_{VJP}"
 BATCHED = (BATCHED_APPLY, BATCHED_JVP, BATCHED_VJP)
 LINEAR_SOLVE = "linear_solve"
+NONLINEAR_SOLVE = "nonlinear_solve"
 GRADIENTS = (JACOBIAN, JVP, VJP)
 # The endpoints that take `binary.MEDIA_TYPE` bodies on a server that says `binary`.
-COMPUTATIONAL = (APPLY, *GRADIENTS, *BATCHED, LINEAR_SOLVE)
+COMPUTATIONAL = (APPLY, *GRADIENTS, *BATCHED, LINEAR_SOLVE, NONLINEAR_SOLVE)
 
 Mode = Literal["own", "vmap", "axis", "loop"]
 Precision = Literal["float32", "float64"]
@@ -161,6 +162,9 @@ class Capabilities:
     - `linear_solve_options`: the lineax `options` its `/linear_solve` takes (e.g.
         `("y0",)`); `()` when it states none (a stock or older server): then none
         is sent.
+    - `nonlinear_solvers`, `nonlinear_step_solvers`: the optimistix solvers (by name,
+        `_wire/nonlinear.py`) its `/nonlinear_solve` runs, and the lineax solvers it
+        runs their steps with; `()` without the endpoint (a stock or older server).
     """
 
     version: str | None = None
@@ -173,6 +177,8 @@ class Capabilities:
     binary: str | None = None
     cache: tuple[tuple[str, Any], ...] = ()
     linear_solve_options: tuple[str, ...] = ()
+    nonlinear_solvers: tuple[str, ...] = ()
+    nonlinear_step_solvers: tuple[str, ...] = ()
 
     @classmethod
     def stock(cls) -> "Capabilities":
@@ -197,6 +203,8 @@ class Capabilities:
             "binary": self.binary,
             "linearisation_cache": dict(self.cache),
             "linear_solve_options": list(self.linear_solve_options),
+            "nonlinear_solvers": list(self.nonlinear_solvers),
+            "nonlinear_step_solvers": list(self.nonlinear_step_solvers),
         }
 
     @classmethod
@@ -215,6 +223,8 @@ class Capabilities:
             binary=d.get("binary") if isinstance(d.get("binary"), str) else None,
             cache=tuple(sorted((d.get("linearisation_cache") or {}).items())),
             linear_solve_options=_names(d.get("linear_solve_options")),
+            nonlinear_solvers=_names(d.get("nonlinear_solvers")),
+            nonlinear_step_solvers=_names(d.get("nonlinear_step_solvers")),
         )
 
     @classmethod

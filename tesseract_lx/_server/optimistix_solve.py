@@ -1,0 +1,390 @@
+"""The solving of `POST /nonlinear_solve`: `NonlinearSolver`, the optimistix solves of
+one app.
+
+Imported on an app's first `/nonlinear_solve` (`nonlinear.py`): it imports JAX,
+lineax and optimistix.
+
+The residual `y -> outputs at of` is the Tesseract's own `apply` at the request's
+point with `y` at `wrt`, a host callback; its derivative (a `jax.custom_jvp`) the
+Tesseract's `jacobian_vector_product` there, a host callback too (through the
+linearisation cache for a JAX Tesseract: the forward pass once per step, then tangent
+work only). optimistix runs jitted around them, once compiled per signature (paths,
+structures, solver settings), as `krylov.py`'s function mode: the callbacks read the
+request's point by a *handle*, an int32 operand, so one compiled solve serves every
+point and nothing kept holds a request's payload.
+
+The derivative is forward mode only: optimistix's Newton, Chord, Gauss-Newton and
+Levenberg-Marquardt take forward-mode Jacobians (their dense step solvers materialise
+by JVPs), and the step solvers that multiply by a transpose (LSMR, Normal; Dogleg's
+gradient) are not offered (`_wire/nonlinear.py`).
+"""
+
+import contextlib
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+import jax
+import lineax as lx
+import numpy as np
+import optimistix as optx
+from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
+from tesseract_core.runtime.tree_transforms import get_at_path
+
+from .._wire import nonlinear, paths
+from .._wire.spec import JVP
+from . import trees
+from .cache import remember
+from .krylov import lineax_solver
+from .nonlinear_payload import check_payload, NonlinearSolveOutputSchema
+from .solve_payload import cast, Invalid, size
+from .upstream_optimistix import check_optimistix, message, result_code, result_names
+
+
+_MAX_COMPILED = 64
+Structs = dict[str, jax.ShapeDtypeStruct]
+
+
+def step_solver(spec: Any) -> lx.AbstractLinearSolver:
+    """The lineax solver of a validated `nonlinear.StepSolver`."""
+    if isinstance(spec, nonlinear.LUSpec):
+        return lx.LU()
+    if isinstance(spec, nonlinear.QRSpec):
+        return lx.QR()
+    if isinstance(spec, nonlinear.SVDSpec):
+        return lx.SVD(rcond=spec.rcond)
+    if isinstance(spec, nonlinear.AutoSpec):
+        return lx.AutoLinearSolver(well_posed=spec.well_posed)
+    return lineax_solver(spec)
+
+
+def optimistix_solver(spec: Any) -> Any:
+    """The optimistix solver of a validated `nonlinear.NonlinearSpec`."""
+    kwargs: dict[str, Any] = {"rtol": spec.rtol, "atol": spec.atol}
+    if spec.linear_solver is not None:
+        kwargs["linear_solver"] = step_solver(spec.linear_solver)
+    if isinstance(spec, nonlinear.NewtonSpec | nonlinear.ChordSpec):
+        kwargs.update(kappa=spec.kappa, cauchy_termination=spec.cauchy_termination)
+    kind = {
+        nonlinear.NewtonSpec: optx.Newton,
+        nonlinear.ChordSpec: optx.Chord,
+        nonlinear.GaussNewtonSpec: optx.GaussNewton,
+        nonlinear.LevenbergMarquardtSpec: optx.LevenbergMarquardt,
+    }[type(spec)]
+    return kind(**kwargs)
+
+
+def _carried(structs: Structs) -> Structs:
+    """How the callbacks' answers travel into the solve: 64-bit arrays as pairs of
+    uint32 (a last axis of 2).
+
+    JAX checks a callback's answer against its declared dtype after canonicalising
+    it by the *running thread's* x64 setting, and XLA may run a callback on a thread
+    of its own, where `jax.enable_x64` (thread-local) does not reach: a float64
+    answer would then be refused as float32. A uint32 is itself in every thread.
+    """
+    return {
+        p: jax.ShapeDtypeStruct((*s.shape, 2), np.uint32)
+        if np.dtype(s.dtype).itemsize == 8
+        else s
+        for p, s in structs.items()
+    }
+
+
+def _to_carried(out: dict, structs: Structs) -> dict:
+    return {
+        p: np.ascontiguousarray(out[p], s.dtype).view(np.uint32).reshape(*s.shape, 2)
+        if np.dtype(s.dtype).itemsize == 8
+        else np.asarray(out[p], s.dtype)
+        for p, s in structs.items()
+    }
+
+
+def _from_carried(out: dict, structs: Structs) -> dict:
+    return {
+        p: jax.lax.bitcast_convert_type(out[p], s.dtype)
+        if np.dtype(s.dtype).itemsize == 8
+        else out[p]
+        for p, s in structs.items()
+    }
+
+
+def _lead(s: jax.ShapeDtypeStruct, lead: tuple) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((*lead, *s.shape), s.dtype)
+
+
+def _where(path: str) -> tuple:
+    """A wire path as `trees` keys it."""
+    return tuple(index for _, index in paths.segments(path))
+
+
+class NonlinearSolveFailed(RuntimeError):
+    """A solve that failed, asked to `throw`: answered as a 500 carrying
+    optimistix's message (its type names this class)."""
+
+
+class NonlinearSolver:
+    """The `/nonlinear_solve` solves of one app: `check(payload)` before a request
+    runs, `solve(payload)` to run it.
+
+    **Arguments:**
+
+    - `api_module`: the Tesseract's module (its `apply`).
+    - `cached_module`: the module whose `jacobian_vector_product` goes through the
+        linearisation cache (`endpoints.stock_endpoints`; the Tesseract's own without
+        a cache).
+    - `output_shapes`: `inputs -> {path: {"shape", "dtype"}}` from `abstract_eval`,
+        or `None` without one.
+    - `jaxy`: whether the Tesseract is JAX code; if not, the solve runs with JAX's
+        float64 on in its own thread only, as `krylov.LinearSolver`.
+    - `cache`: the app's `LinearisationCache`, or `None`: a batch of tangents at one
+        point (a dense step solver materialising the Jacobian) then goes through
+        its `vmap` of the linearisation, in one call.
+    """
+
+    def __init__(
+        self,
+        api_module: Any,
+        cached_module: Any,
+        output_shapes: Callable[[Any], Any],
+        jaxy: bool,
+        cache: Any = None,
+    ):
+        check_optimistix()
+        self.apply_fn = api_module.apply
+        self.jvp_fn = getattr(cached_module, JVP)
+        self.raw_jvp = getattr(api_module, JVP)
+        self.cache = cache
+        self.output_shapes = output_shapes
+        self.jaxy = jaxy
+        self.names = result_names()
+        self._compiled: OrderedDict[Hashable, Callable] = OrderedDict()
+        self._lock = threading.Lock()
+        self._points: dict[int, Any] = {}
+        self._handles = itertools.count()
+
+    # -- the request ---------------------------------------------------------------
+
+    def check(self, payload: Any) -> None:
+        """A 422 naming the field for a payload the solve would refuse, as far as the
+        structures known before solving tell."""
+        ins, outs = self._structures(payload)
+        try:
+            check_payload(payload, ins, outs)
+        except Invalid as e:
+            raise RequestValidationError([e.error]) from None
+
+    def solve(self, payload: Any) -> NonlinearSolveOutputSchema:
+        """The answer to a checked payload."""
+        precision = jax.enable_x64(True) if not self.jaxy else contextlib.nullcontext()
+        with precision, self._at(payload.inputs) as handle:
+            ins, outs = self._structures(payload)
+            if outs is None:
+                outs = self._probe(payload, ins)
+            try:
+                check_payload(payload, ins, outs)
+            except Invalid as e:
+                raise HTTPException(422, [e.error]) from None
+            y0 = payload.y0
+            if y0 is None:
+                y0 = {p: get_at_path(payload.inputs, p) for p in ins}
+            y0 = cast(y0, ins)
+            if size(ins) == 0 or size(outs) == 0:
+                # No unknowns or no equations, which optimistix cannot run on:
+                # nothing to change, `y0` solves it, in no steps.
+                return NonlinearSolveOutputSchema.model_validate(
+                    {"solution": y0, "num_steps": 0, "result": "successful"}
+                )
+            spec = payload.solver
+            tags = tuple(sorted(set(payload.tags)))
+            shapes = (tuple(sorted(ins.items())), tuple(sorted(outs.items())))
+            key = (shapes, spec.model_dump_json(), payload.max_steps, tags)
+            run = self._compile(
+                key, lambda: self._make(ins, outs, spec, payload.max_steps, tags)
+            )
+            # Done before the handle is: JAX may return before its callbacks ran.
+            value, code, steps = jax.block_until_ready(run(np.int32(handle), y0))
+        name = self.names[int(code)]
+        if payload.throw and name != "successful":
+            raise NonlinearSolveFailed(message(name))
+        return NonlinearSolveOutputSchema.model_validate(
+            {
+                "solution": {p: np.asarray(v) for p, v in value.items()},
+                "num_steps": int(steps),
+                "result": name,
+            }
+        )
+
+    def _structures(self, payload: Any) -> tuple[Structs, Structs | None]:
+        """`(at wrt, at of)`; the second `None` if `abstract_eval` does not tell."""
+        ins = {}
+        for p in payload.wrt:
+            x = np.asarray(get_at_path(payload.inputs, p))
+            ins[p] = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        shapes = self.output_shapes(payload.inputs)
+        if shapes is None:
+            return ins, None
+        outs = {}
+        for p in payload.of:
+            ref = get_at_path(shapes, p)
+            outs[p] = jax.ShapeDtypeStruct(tuple(ref["shape"]), np.dtype(ref["dtype"]))
+        return ins, outs
+
+    def _probe(self, payload: Any, ins: Structs) -> Structs:
+        """The residual's structure when nothing states it: one `apply` tells."""
+        out = self.apply_fn(payload.inputs)
+        arrays = {p: np.asarray(get_at_path(out, p)) for p in payload.of}
+        return {p: jax.ShapeDtypeStruct(a.shape, a.dtype) for p, a in arrays.items()}
+
+    # -- the jitted solve ----------------------------------------------------------
+
+    def _make(
+        self,
+        ins: Structs,
+        outs: Structs,
+        spec: Any,
+        max_steps: int,
+        tags: tuple[str, ...],
+    ) -> Callable:
+        """The jitted `(handle, y0) -> (solution, result code, steps)` of one
+        signature."""
+        wrt, of = tuple(ins), tuple(outs)
+        apply_cb, jvp_cb = self._callbacks(wrt, of, ins, outs)
+        solver = optimistix_solver(spec)
+        least_squares = spec.name in nonlinear.LEAST_SQUARES
+        tag_set = frozenset(getattr(lx, f"{t}_tag") for t in tags)
+
+        def pack(d: dict, keys: tuple) -> Any:
+            return d[keys[0]] if len(keys) == 1 else d
+
+        def unpack(x: Any, keys: tuple) -> dict:
+            return {keys[0]: x} if len(keys) == 1 else x
+
+        carried = _carried(outs)
+
+        def solve(handle: Any, y0: dict) -> Any:
+            @jax.custom_jvp
+            def residual(y: dict) -> dict:
+                out = jax.pure_callback(
+                    apply_cb, carried, handle, y, vmap_method="sequential"
+                )
+                return _from_carried(out, outs)
+
+            @residual.defjvp
+            def _(primals: tuple, tangents: tuple) -> tuple:
+                (y,), (t,) = primals, tangents
+                # `expand_dims`: a dense step solver's `vmap` over the identity
+                # reaches the host as one batch of tangents.
+                jvp = jax.pure_callback(
+                    jvp_cb, carried, handle, y, t, vmap_method="expand_dims"
+                )
+                return residual(y), _from_carried(jvp, outs)
+
+            def fn(y: Any, args: Any) -> Any:
+                return pack(residual(unpack(y, wrt)), of)
+
+            run = optx.least_squares if least_squares else optx.root_find
+            sol = run(
+                fn,
+                solver,
+                pack(y0, wrt),
+                max_steps=max_steps,
+                throw=False,
+                tags=tag_set,
+            )
+            value = unpack(sol.value, wrt)
+            return value, result_code(sol.result), sol.stats["num_steps"]
+
+        return jax.jit(solve)
+
+    def _callbacks(
+        self, wrt: tuple, of: tuple, ins: Structs, outs: Structs
+    ) -> tuple[Callable, Callable]:
+        """The host functions `(handle, y) -> residual` and `(handle, y, t) -> J t`,
+        calling the Tesseract's `apply` and JVP at the point of `handle` with `y` at
+        `wrt`. They hold no point: they outlive the request that made them."""
+        points, apply_fn, jvp_fn = self._points, self.apply_fn, self.jvp_fn
+        cache, raw_jvp = self.cache, self.raw_jvp
+        ins_shape = {p: tuple(s.shape) for p, s in ins.items()}
+        where = {p: _where(p) for p in wrt}
+
+        def at(handle: Any, y: dict) -> Any:
+            point = points.get(int(handle))
+            if point is None:
+                return None
+            arrays = {where[p]: np.asarray(v) for p, v in y.items()}
+            return trees.rebuild(point, (), arrays)
+
+        def cast_out(out: Any) -> dict:
+            return _to_carried(out, outs)
+
+        # optimistix's least-squares solvers fill a placeholder state with zeros
+        # (`tree_full_like(..., 0)`), the handle inside a linearisation among them,
+        # and evaluate it once; the value is discarded. Handles start at 1, so
+        # handle 0 is that placeholder: zeros, and no call of the Tesseract.
+        zeros = cast_out({p: np.zeros(s.shape, s.dtype) for p, s in outs.items()})
+
+        def apply_cb(handle: Any, y: dict) -> dict:
+            point = at(handle, y)
+            if point is None:
+                return zeros
+            out = apply_fn(point)
+            return cast_out({p: get_at_path(out, p) for p in of})
+
+        def jvp_cb(handle: Any, y: dict, t: dict) -> dict:
+            # Leading axes of `t` (and size-1 ones of `handle` and `y`) are a
+            # batch of tangents at one point (`vmap_method="expand_dims"`).
+            first = np.shape(t[wrt[0]])
+            lead = first[: len(first) - len(ins_shape[wrt[0]])]
+            if np.size(handle) != 1 or any(
+                np.size(v) != int(np.prod(ins_shape[p], dtype=np.int64))
+                for p, v in y.items()
+            ):
+                raise RuntimeError("a batch of points reached a JVP at one point")
+            handle = np.asarray(handle).reshape(-1)[0]
+            y = {p: np.asarray(v).reshape(ins_shape[p]) for p, v in y.items()}
+            k = int(np.prod(lead, dtype=np.int64))
+            flat = {p: np.asarray(v).reshape(k, *ins_shape[p]) for p, v in t.items()}
+            point = at(handle, y)
+            if point is None:
+                out = {p: np.zeros((k, *s.shape), s.dtype) for p, s in outs.items()}
+            else:
+                out = _tangents(point, flat, k)
+            out = {p: np.reshape(v, (*lead, *outs[p].shape)) for p, v in out.items()}
+            return _to_carried(out, {p: _lead(s, lead) for p, s in outs.items()})
+
+        def _tangents(point: Any, flat: dict, k: int) -> dict:
+            """`{path: (k, ...)}`: the JVPs of `k` tangents at `point`."""
+            if k > 1 and cache is not None:
+                batch = cache.call_batch("jvp", raw_jvp, point, set(wrt), set(of), flat)
+                if batch is not None:
+                    return {p: np.asarray(batch[p]) for p in of}
+            each = [
+                jvp_fn(point, set(wrt), set(of), {p: v[i] for p, v in flat.items()})
+                for i in range(k)
+            ]
+            return {p: np.stack([np.asarray(e[p]) for e in each]) for p in of}
+
+        return apply_cb, jvp_cb
+
+    @contextlib.contextmanager
+    def _at(self, point: Any) -> Iterator[int]:
+        """A handle of `point`, for this block (see `krylov.LinearSolver._at`)."""
+        handle = next(self._handles) % (2**31 - 1) + 1  # an int32 operand, not 0
+        self._points[handle] = point
+        try:
+            yield handle
+        finally:
+            del self._points[handle]
+
+    def _compile(self, key: Hashable, make: Callable[[], Callable]) -> Callable:
+        with self._lock:
+            run = self._compiled.get(key)
+        if run is None:
+            run = make()
+        with self._lock:
+            remember(self._compiled, key, run, limit=_MAX_COMPILED)
+        return run
