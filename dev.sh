@@ -33,6 +33,9 @@ ensure() {
     fi
 }
 
+# The tests in two processes, a file at a time each: one process keeps one of two
+# cores busy (it waits on its servers), and a file's servers stay in one process.
+PARALLEL="-n 2 --dist loadfile"
 job=${1:-demo}
 shift || true
 case "$job" in
@@ -53,7 +56,7 @@ case "$job" in
         # only (the drop-in covers the stock server, the first leg the in-process
         # transport); tesseract-core's examples' apply, JVP and VJP in process.
         upstream="test_upstream.py and inprocess and (test_apply or test_jvp or test_vjp)"
-        exec python -m pytest -q --durations=10 \
+        exec python -m pytest -q --durations=10 $PARALLEL \
             tests/test_parity.py tests/test_apply.py tests/test_module.py \
             tests/test_operator.py tests/test_onserver.py tests/test_upstream.py \
             -k "test_parity.py or test_apply.py or ($upstream) or (not test_upstream.py and not stock and not inprocess)" \
@@ -66,7 +69,7 @@ ensure .venv "${PYTHON:-python3}" "$extra"
 export PATH="$PWD/.venv/bin:$PATH"
 case "$job" in
     demo) exec python examples/bratu_newton.py "$@" ;;
-    test) ruff check --quiet . && pyright --warnings && exec python -m pytest -q --durations=15 "$@" ;;
+    test) ruff check --quiet . && pyright --warnings && exec python -m pytest -q --durations=15 $PARALLEL "$@" ;;
     bench) exec python benchmarks/suite.py "$@" ;;
     docs)
         export NO_MKDOCS_2_WARNING=1

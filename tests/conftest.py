@@ -117,7 +117,11 @@ def pytest_collection_modifyitems(config, items):
 def served():
     servers = Servers()
     try:
-        servers.start(sorted(_NEEDED))
+        # Under pytest-xdist each process runs some of the files: it starts the
+        # servers its tests ask for, when they ask (all of them in each process
+        # would hold twice the memory).
+        if "PYTEST_XDIST_WORKER" not in os.environ:
+            servers.start(sorted(_NEEDED))
         yield servers
     finally:
         servers.close()
