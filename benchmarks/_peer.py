@@ -1,53 +1,95 @@
-"""The tesseract-jax contender: its own venv, and the runner that works in it.
+"""The venv of a benchmark run: tesseract-jax's, with this checkout of tesseract_lx.
 
-tesseract-jax pins other versions than this project, so it gets a venv of its own,
-made from the package index by `peer_python` (cached under `out/`, remade when the
-pins change) with the same jax, jaxlib, lineax, optimistix, equinox and
-tesseract-core as this project's venv, plus `tesseract-jax==0.4.0`.
+tesseract-jax pins its own versions, so the run gets a venv of its own, made from the
+package index by `bench_python` (cached under `out/`, remade when what it should hold
+changes) and holding this checkout of tesseract_lx too (editable), so that every
+contender runs under one JAX:
 
-Run as a script in that venv, this file connects `tesseract_core.Tesseract.from_url`
-to a stock `tesseract-runtime serve` (started by `benchmarks/suite.py`), runs the jobs
-it is given through `tesseract_jax.apply_tesseract` with `_scenarios.run_case`, and
-prints one JSON line as each starts and ends: the suite enforces time limits by
-killing this process. Requests are counted by wrapping the Tesseract object's
-`_client.run_tesseract` (`counted`, also used by `versus_tesseract_jax.py`).
+- where the machine has Python 3.12 (`PYENV_VERSION=3.12.1 pyenv which python3.12`,
+  else `python3.12` on `PATH`, or `$PYTHON312`): `tesseract-jax==0.5.1` on it, with
+  this project's lineax, optimistix, equinox and tesseract-core, and whatever JAX pip
+  resolves for them (jax 0.12.x);
+- otherwise `tesseract-jax==0.4.0` on this venv's Python, with this venv's versions of
+  everything both use, JAX included (the report says so).
 
-    PEER/bin/python benchmarks/_peer.py --url URL --jobs JOBS.json --refs DIR
+`counted` counts the requests of a `tesseract_core.Tesseract` (also used by
+`versus_tesseract_jax.py`).
 """
 
-import argparse
-import json
+import hashlib
+import os
+import shutil
 import subprocess
 import sys
-from collections import Counter
 from functools import wraps
 from importlib import metadata
 from pathlib import Path
 
 
-PEER = "tesseract-jax==0.4.0"
-SAME = ("jax", "jaxlib", "lineax", "optimistix", "equinox", "tesseract-core")
+ROOT = Path(__file__).resolve().parents[1]
+NEWEST, OLDER = "tesseract-jax==0.5.1", "tesseract-jax==0.4.0"
+SAME = ("lineax", "optimistix", "equinox", "tesseract-core")
+EXTRAS = {"tesseract-core": "[runtime]"}
 
 
-def pins() -> list[str]:
-    """The peer venv's requirements: ours for everything both use."""
-    extras = {"tesseract-core": "[runtime]"}
-    same = [f"{n}{extras.get(n, '')}=={metadata.version(n)}" for n in SAME]
-    return [PEER, *same]
+def python312() -> str | None:
+    """A Python 3.12 on this machine, or None."""
+    found = os.environ.get("PYTHON312")
+    if not found:
+        try:
+            done = subprocess.run(
+                ["pyenv", "which", "python3.12"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYENV_VERSION": "3.12.1"},
+                timeout=30,
+            )
+            found = done.stdout.strip() if done.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired):
+            found = None
+    found = found or shutil.which("python3.12")
+    return found if found and os.access(found, os.X_OK) else None
 
 
-def peer_python(venv: Path, log) -> Path:
-    """The Python of a venv with tesseract-jax and our pins, made if needed.
+def plan() -> tuple[str, list[str], str]:
+    """(the Python the venv is made with, its requirements, a note for the report)."""
+    same = [f"{n}{EXTRAS.get(n, '')}=={metadata.version(n)}" for n in SAME]
+    py312 = python312()
+    if py312 is not None:
+        return py312, [NEWEST, *same], f"{NEWEST} on Python 3.12 ({py312})"
+    pinned = [f"{n}=={metadata.version(n)}" for n in ("jax", "jaxlib")]
+    return (
+        sys.executable,
+        [OLDER, *pinned, *same],
+        f"{OLDER} on this venv's Python: no Python 3.12 on this machine "
+        "(tesseract-jax 0.5 needs it; set `PYTHON312=/path/to/python3.12`)",
+    )
+
+
+def bench_python(venv: Path, log) -> tuple[Path, str]:
+    """The Python of the run's venv, made if needed, and what it holds in words.
     Raises `RuntimeError` with pip's words if it cannot be made."""
+    base, requirements, note = plan()
     python = venv / "bin" / "python"
     stamp = venv / ".pins"
-    want = "\n".join(pins())
+    project = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    want = "\n".join([base, *requirements, f"-e {ROOT} {project}"])
     if python.exists() and stamp.exists() and stamp.read_text() == want:
-        return python
-    log(f"making the tesseract-jax venv at {venv}: {', '.join(pins())}")
+        return python, note
+    log(f"making the venv of the run at {venv}: {', '.join(requirements)}, -e {ROOT}")
     steps = [
-        [sys.executable, "-m", "venv", "--clear", str(venv)],
-        [str(python), "-m", "pip", "install", "--quiet", *pins()],
+        [base, "-m", "venv", "--clear", str(venv)],
+        [str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            *requirements,
+            "-e",
+            str(ROOT),
+        ],
     ]
     for cmd in steps:
         try:
@@ -61,7 +103,7 @@ def peer_python(venv: Path, log) -> Path:
                 + " ".join(lines[-6:])
             )
     stamp.write_text(want)
-    return python
+    return python, note
 
 
 def counted(tesseract) -> list[str]:
@@ -77,59 +119,3 @@ def counted(tesseract) -> list[str]:
     tesseract._client.run_tesseract = run_counted
     tesseract.openapi_schema  # fetched (once) before counting
     return sent
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--jobs", type=Path, required=True)
-    parser.add_argument("--refs", type=Path, required=True)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--budget", type=float, default=10.0)
-    opts = parser.parse_args()
-
-    import numpy as np
-    from _scenarios import Case, Functional, run_case, Variant
-    from tesseract_core import Tesseract
-    from tesseract_jax import apply_tesseract
-
-    def emit(doc: dict) -> None:
-        print(json.dumps(doc), flush=True)
-
-    emit(
-        {
-            "versions": {
-                name: metadata.version(name) for name in ("tesseract-jax", *SAME)
-            }
-        }
-    )
-    tesseract = Tesseract.from_url(opts.url)
-    sent = counted(tesseract)
-    for i, job in enumerate(json.loads(opts.jobs.read_text())):
-        emit({"start": i})
-        case, variant = Case(**job["case"]), Variant(**job["variant"])
-        contender = Functional(
-            lambda x, kw=variant.apply: apply_tesseract(tesseract, x, **kw),
-            jac=variant.jac,
-        )
-        ref = opts.refs / f"{job['ref']}.npz"
-        reference = None
-        if ref.exists():
-            with np.load(ref) as data:
-                reference = [data[f"arr_{j}"] for j in range(len(data.files))]
-        row = run_case(
-            case,
-            contender,
-            sent=lambda: Counter(sent),
-            clear=sent.clear,
-            reference=reference,
-            repeats=opts.repeats,
-            budget=opts.budget,
-            companion=tesseract.health if case.scenario == "jvp" else None,
-        )
-        row.pop("value", None)
-        emit({"row": row, "job": i})
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Pure-JAX references of the benchmarked Tesseracts (the floor), and their inputs.
 
-`bratu_ref` is the tests' (`tests/references.py`). `heavy_ref` is written here again
+`bratu_ref` and `springs_ref` are the tests' (`tests/references.py`). `heavy_ref` is written here again
 from the maths in the docstring of `examples/tesseracts/heavy/tesseract_api.py`, not
 imported from it, so that the two check each other. Neither module imports
 tesseract_lx: this one also runs in the venv of tesseract-jax.
@@ -19,7 +19,12 @@ jax.config.update("jax_enable_x64", True)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from references import bratu_inputs, bratu_ref  # noqa: E402
+from references import (  # noqa: E402
+    bratu_inputs,
+    bratu_ref,
+    springs_inputs,
+    springs_ref,
+)
 
 
 TESSERACTS = ROOT / "examples" / "tesseracts"
@@ -68,7 +73,31 @@ def heavy_inputs(n: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
-# `bratu_numpy`: the same maths as `bratu`, served by NumPy code (no JAX).
-REFERENCES = {"bratu": bratu_ref, "heavy": heavy_ref, "bratu_numpy": bratu_ref}
-INPUTS = {"bratu": bratu_inputs, "heavy": heavy_inputs, "bratu_numpy": bratu_inputs}
+def chain_inputs(n_side: int) -> dict[str, Any]:
+    """`springs`'s inputs for a chain of `n_side`^2 springs (n unknowns, as the grids
+    of the others have)."""
+    return springs_inputs(n_side**2)
+
+
+# `bratu_numpy`: the same maths as `bratu`, served by NumPy code (no JAX). `springs`
+# (a test Tesseract): two outputs, `residual` and `energy`; its unknown is `x`.
+REFERENCES = {
+    "bratu": bratu_ref,
+    "heavy": heavy_ref,
+    "bratu_numpy": bratu_ref,
+    "springs": springs_ref,
+}
+INPUTS = {
+    "bratu": bratu_inputs,
+    "heavy": heavy_inputs,
+    "bratu_numpy": bratu_inputs,
+    "springs": chain_inputs,
+}
+# The input every scenario differentiates, solves for or perturbs (of `residual`).
+UNKNOWN = {"bratu": "u", "heavy": "u", "bratu_numpy": "u", "springs": "x"}
+# Where Newton starts (else 0): at x = 0 the springs' Jacobian is the chain's
+# Laplacian, on which a restarted GMRES takes hundreds of iterations; at x = 1 its
+# cubic term keeps it well conditioned.
+START = {"springs": 1.0}
 APIS = {name: TESSERACTS / name / "tesseract_api.py" for name in REFERENCES}
+APIS["springs"] = ROOT / "tests" / "tesseracts" / "springs" / "tesseract_api.py"

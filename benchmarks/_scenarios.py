@@ -3,11 +3,10 @@
 A contender is the Tesseract as JAX sees it: `apply(inputs) -> outputs`, the residual
 as optimistix's `fn(y, args)`, and its Jacobian with respect to `u` as a lineax
 operator. `Functional` builds all three from a function of the inputs (the pure-JAX
-reference, or tesseract-jax's `apply_tesseract`); `benchmarks/suite.py` subclasses it
-for tesseract_lx. A scenario turns a `Case` (Tesseract, grid side N, K) and a
+reference, or tesseract-jax's `apply_tesseract`). A scenario turns a `Case` (Tesseract, grid side N, K) and a
 contender into a jitted function and its arguments; `run_case` warms it up, times it
-and counts its requests. This module imports no tesseract_lx: it also runs in the
-venv of tesseract-jax (`benchmarks/_peer.py`).
+and counts its requests. This module imports no tesseract_lx (`benchmarks/_worker.py`
+subclasses `Functional` for it).
 """
 
 import dataclasses
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import optimistix as optx
-from _references import INPUTS
+from _references import INPUTS, START, UNKNOWN
 
 
 jax.config.update("jax_enable_x64", True)
@@ -35,12 +34,14 @@ MAX_STEPS = 50
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One scenario at one size: grid `n_side` (n = n_side^2 unknowns), `k`
-    tangents or right-hand sides (0: none)."""
+    tangents or right-hand sides (0: none); `rtt_ms`: the round trip every request
+    pays through the delaying proxy (`benchmarks/_proxy.py`; 0: no proxy)."""
 
     scenario: str
     tesseract: str
     n_side: int
     k: int = 0
+    rtt_ms: float = 0.0
 
     @property
     def n(self) -> int:
@@ -49,7 +50,13 @@ class Case:
     @property
     def key(self) -> str:
         k = f" K={self.k}" if self.k else ""
-        return f"{self.scenario} {self.tesseract} n={self.n}{k}"
+        far = f" @ {self.rtt_ms:g} ms" if self.rtt_ms else ""
+        return f"{self.scenario} {self.tesseract} n={self.n}{k}{far}"
+
+    @property
+    def near(self) -> "Case":
+        """The same case without the proxy (what pure JAX runs)."""
+        return dataclasses.replace(self, rtt_ms=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,20 +71,28 @@ class Variant:
 
 
 class Functional:
-    """A contender given as a function of the Tesseract's inputs."""
+    """A contender given as a function of the Tesseract's inputs; `unknown`: the
+    input of `residual` it differentiates and solves for."""
 
-    def __init__(self, apply: Callable[[dict], dict], *, jac: str | None = "bwd"):
+    def __init__(
+        self,
+        apply: Callable[[dict], dict],
+        *,
+        jac: str | None = "bwd",
+        unknown: str = "u",
+    ):
         self.apply = apply
         self.jac = jac
+        self.unknown = unknown
 
     def residual_fn(self) -> Callable:
-        apply = self.apply
-        return lambda u, args: apply({**args, "u": u})["residual"]
+        apply, unknown = self.apply, self.unknown
+        return lambda u, args: apply({**args, unknown: u})["residual"]
 
     def jacobian_operator(self, inputs: dict) -> lx.AbstractLinearOperator:
-        args = {k: v for k, v in inputs.items() if k != "u"}
+        u, args = _split(inputs, self.unknown)
         fn = self.residual_fn()
-        return lx.JacobianLinearOperator(fn, inputs["u"], args, jac=self.jac)
+        return lx.JacobianLinearOperator(fn, u, args, jac=self.jac)
 
     def on_server(self, solver: lx.AbstractLinearSolver) -> lx.AbstractLinearSolver:
         """`solver` as the contender runs a Krylov solve next to the Tesseract:
@@ -91,28 +106,34 @@ class Functional:
 #
 
 
+def _split(inputs: dict, unknown: str) -> tuple[Any, dict]:
+    return inputs[unknown], {k: v for k, v in inputs.items() if k != unknown}
+
+
 def _point(case: Case) -> dict:
     return INPUTS[case.tesseract](case.n_side)
 
 
 def _random(case: Case, *shape: int) -> jax.Array:
     rng = np.random.default_rng(case.n_side * 1000 + case.k)
-    return jnp.asarray(rng.standard_normal(shape + (case.n_side, case.n_side)))
+    unknown = _point(case)[UNKNOWN[case.tesseract]]
+    return jnp.asarray(rng.standard_normal(shape + unknown.shape))
 
 
 def _of_u(c, inputs: dict) -> Callable:
-    return lambda u: c.apply({**inputs, "u": u})["residual"]
+    return lambda u: c.apply({**inputs, c.unknown: u})["residual"]
 
 
 def _root_problem(case: Case):
-    point = _point(case)
-    return jnp.zeros_like(point["u"]), {"k": point["k"], "f": point["f"]}
+    u, args = _split(_point(case), UNKNOWN[case.tesseract])
+    return jnp.full_like(u, START.get(case.tesseract, 0.0)), args
 
 
 def jvp(case: Case, c):
     @jax.jit
     def fn(inputs, t):
-        return {"value": jax.jvp(_of_u(c, inputs), (inputs["u"],), (t,))[1]}
+        u = inputs[c.unknown]
+        return {"value": jax.jvp(_of_u(c, inputs), (u,), (t,))[1]}
 
     return fn, (_point(case), _random(case))
 
@@ -120,7 +141,7 @@ def jvp(case: Case, c):
 def jacfwd(case: Case, c):
     @jax.jit
     def fn(inputs):
-        return {"value": jax.jacfwd(_of_u(c, inputs))(inputs["u"])}
+        return {"value": jax.jacfwd(_of_u(c, inputs))(inputs[c.unknown])}
 
     return fn, (_point(case),)
 
@@ -128,7 +149,7 @@ def jacfwd(case: Case, c):
 def jacrev(case: Case, c):
     @jax.jit
     def fn(inputs):
-        return {"value": jax.jacrev(_of_u(c, inputs))(inputs["u"])}
+        return {"value": jax.jacrev(_of_u(c, inputs))(inputs[c.unknown])}
 
     return fn, (_point(case),)
 
@@ -136,7 +157,7 @@ def jacrev(case: Case, c):
 def vmap_jvp(case: Case, c):
     @jax.jit
     def fn(inputs, tangents):
-        g, u = _of_u(c, inputs), inputs["u"]
+        g, u = _of_u(c, inputs), inputs[c.unknown]
         return {"value": jax.vmap(lambda t: jax.jvp(g, (u,), (t,))[1])(tangents)}
 
     return fn, (_point(case), _random(case, case.k))
@@ -232,22 +253,41 @@ def grad_root(case: Case, c):
 
 
 EVERY_RULE = ("auto", "sequential", "concurrent", "jacobian", "batched")
+# tesseract-jax's settings where a batch of (co)tangents at one point is sent
+# (`jax.vmap` of a JVP, `jax.jacfwd` inside Newton's LU, a vmapped solve): every one
+# that changes how, the fastest that works is the one compared.
 PEER_VMAP = (
     Variant(),
+    Variant("materialize_jacobian=True", {"materialize_jacobian": True}),
     Variant("materialize_jacobian=False", {"materialize_jacobian": False}),
+    Variant("vmap_method='sequential'", {"vmap_method": "sequential"}),
     Variant(
         "vmap_method='sequential', materialize_jacobian=False",
         {"vmap_method": "sequential", "materialize_jacobian": False},
     ),
 )
 PEER_SOLVE = (Variant("jac='bwd'"), Variant("jac=None", jac=None))
+PEER_VMAP_SOLVE = (Variant("jac='bwd'"),) + tuple(
+    Variant("jac=None" + (f", {v.label}" if v.apply else ""), v.apply, jac=None)
+    for v in PEER_VMAP
+)
+# Round trips (ms) of the far rows, through the delaying proxy.
+FAR = (1.0, 10.0, 50.0)
+# At smallest: one round trip, and the scenario that shows the rest (a proxy per
+# server, a solve moved to the server and one that falls back to the client).
+FAR_SMALLEST = (1.0,)
+FAR_SMALLEST_SCENARIOS = ("newton_onserver",)
 
 
 @dataclasses.dataclass(frozen=True)
 class Scenario:
     """`sizes`: (Tesseract, N, K) of the full run, K = -1 for K = n; the smallest
-    run takes N = 3 of each. `rules` / `peer`: the variants of tesseract_lx and
-    tesseract-jax (the first is the one the ratios use for tesseract_lx)."""
+    run takes N = 3 of each. `far`: the sizes run again through the delaying proxy
+    at each round trip of `FAR`. `rules` / `peer`: the variants of tesseract_lx and
+    tesseract-jax (the first is the one the ratios use for tesseract_lx).
+    `peer_from`: tesseract-jax runs the same maths in that scenario (the Krylov loop
+    `tlx.OnServer` moves to the server is its local one): its rows are reused where
+    that scenario ran at the same size."""
 
     family: str
     title: str
@@ -255,6 +295,8 @@ class Scenario:
     sizes: tuple[tuple[str, int, int], ...]
     rules: tuple[str, ...] = ("auto",)
     peer: tuple[Variant, ...] = (Variant(),)
+    far: tuple[tuple[str, int, int], ...] = ()
+    peer_from: str | None = None
 
 
 FAMILIES = {
@@ -264,6 +306,7 @@ FAMILIES = {
     "newton": "Newton",
     "solve": "Linear solves",
     "grad": "Gradient through a root",
+    "far": "Far away: every request through a delaying proxy",
 }
 
 SCENARIOS = {
@@ -279,12 +322,14 @@ SCENARIOS = {
         "`jax.jacfwd` of the residual w.r.t. `u`",
         jacfwd,
         (("bratu", 8, 0), ("bratu", 32, 0)),
+        peer=PEER_VMAP,
     ),
     "jacrev": Scenario(
         "derivatives",
         "`jax.jacrev` of the residual w.r.t. `u`",
         jacrev,
         (("bratu", 8, 0), ("bratu", 32, 0)),
+        peer=PEER_VMAP,
     ),
     "vmap_jvp": Scenario(
         "vmap",
@@ -298,20 +343,33 @@ SCENARIOS = {
         "newton",
         "`optx.root_find` with `optx.Newton` (default linear solver: LU), from u = 0",
         newton_lu,
-        (("bratu", 16, 0), ("bratu", 32, 0)),
+        (("bratu", 11, 0), ("bratu", 16, 0)),
+        peer=PEER_VMAP,
+        far=(("bratu", 8, 0),),
     ),
     "newton_gmres": Scenario(
         "newton",
         "`optx.root_find` with `optx.Newton(linear_solver=lx.GMRES(...))`, from u = 0",
         newton_gmres,
         (("bratu", 16, 0), ("bratu", 32, 0), ("heavy", 16, 0), ("bratu_numpy", 16, 0)),
+        far=(("bratu", 16, 0),),
     ),
     "newton_onserver": Scenario(
         "newton",
         "`optx.Newton(linear_solver=tlx.OnServer(lx.GMRES(...)))`: the Krylov loop on "
-        "the server (tesseract-jax and pure JAX: the same maths, `lx.GMRES` locally)",
+        "the server where it serves `/linear_solve`, else here, saying so "
+        "(tesseract-jax and pure JAX: the same maths, `lx.GMRES` locally); `springs` "
+        "has two outputs, `residual` and `energy` (and starts from x = 1)",
         newton_onserver,
-        (("bratu", 16, 0), ("bratu", 32, 0), ("heavy", 16, 0), ("bratu_numpy", 16, 0)),
+        (
+            ("bratu", 16, 0),
+            ("bratu", 32, 0),
+            ("heavy", 16, 0),
+            ("bratu_numpy", 16, 0),
+            ("springs", 16, 0),
+        ),
+        far=(("bratu", 16, 0),),
+        peer_from="newton_gmres",
     ),
     "gmres": Scenario(
         "solve",
@@ -333,10 +391,8 @@ SCENARIOS = {
         vmap_gmres,
         (("bratu", 22, 4),),
         rules=("auto", "sequential", "jacobian", "batched"),
-        peer=PEER_SOLVE
-        + tuple(
-            Variant(f"jac=None, {v.label}", v.apply, jac=None) for v in PEER_VMAP[1:]
-        ),
+        peer=PEER_VMAP_SOLVE,
+        far=(("bratu", 8, 4),),
     ),
     "vmap_onserver": Scenario(
         "solve",
@@ -344,7 +400,8 @@ SCENARIOS = {
         "right-hand sides (tesseract-jax and pure JAX: `lx.GMRES` locally)",
         vmap_onserver,
         (("bratu", 22, 4),),
-        peer=PEER_SOLVE,
+        peer=PEER_VMAP_SOLVE,
+        peer_from="vmap_gmres",
     ),
     "grad_root": Scenario(
         "grad",
@@ -352,21 +409,37 @@ SCENARIOS = {
         "`optx.ImplicitAdjoint`)",
         grad_root,
         (("bratu", 16, 0),),
+        peer=PEER_VMAP,
     ),
 }
 
 
 def cases(*, smallest: bool = False, only: str | None = None) -> list[Case]:
+    """Every case to run: each scenario at each size, then the far ones (each far
+    size at each round trip), those whose name holds `only`."""
     out = []
-    for name, s in SCENARIOS.items():
-        for tesseract, n_side, k in s.sizes:
-            if smallest:
-                n_side = 3
-            case = Case(name, tesseract, n_side, n_side**2 if k == -1 else k)
-            text = f"{case.key} {FAMILIES[s.family]}".lower()
-            if case not in out and (only is None or only.lower() in text):
-                out.append(case)
+    sizes = [(name, s.sizes, (0.0,)) for name, s in SCENARIOS.items()]
+    trips = FAR_SMALLEST if smallest else FAR
+    sizes += [
+        (name, s.far, trips)
+        for name, s in SCENARIOS.items()
+        if not smallest or name in FAR_SMALLEST_SCENARIOS
+    ]
+    for name, where, rtts in sizes:
+        for rtt in rtts:
+            for tesseract, n_side, k in where:
+                if smallest:
+                    n_side = 3
+                case = Case(name, tesseract, n_side, n_side**2 if k == -1 else k, rtt)
+                family = FAMILIES["far" if rtt else SCENARIOS[name].family]
+                text = f"{case.key} {family}".lower()
+                if case not in out and (only is None or only.lower() in text):
+                    out.append(case)
     return out
+
+
+def family(case: Case) -> str:
+    return "far" if case.rtt_ms else SCENARIOS[case.scenario].family
 
 
 #

@@ -24,9 +24,9 @@ scenario run on the pure-JAX reference `bratu_ref` (`tests/references.py`). A sc
 that raises gets its error text in `note`.
 
     --peer: tesseract-jax's `tesseract_jax.apply_tesseract`, run from a venv that
-        has `tesseract-jax==0.4.0` (it needs its own: it pins other versions; `bash
-        dev.sh bench` makes one at out/peer-venv)
-        out/peer-venv/bin/python benchmarks/versus_tesseract_jax.py --peer
+        has tesseract-jax (it needs its own: it pins other versions; `bash dev.sh
+        bench` makes one at out/bench-venv, see `benchmarks/_peer.py`)
+        out/bench-venv/bin/python benchmarks/versus_tesseract_jax.py --peer
     --ours: `tesseract_lx.apply_tesseract` (same signature)
         .venv/bin/python benchmarks/versus_tesseract_jax.py --ours
 """
