@@ -35,7 +35,8 @@ ensure() {
 
 # The tests in two processes, a file at a time each: one process keeps one of two
 # cores busy (it waits on its servers), and a file's servers stay in one process.
-PARALLEL="-n 2 --dist loadfile"
+# Files go in the order tests/conftest.py gives them (its longest first).
+PARALLEL="-n 2 --dist loadfile --no-loadscope-reorder"
 job=${1:-demo}
 shift || true
 case "$job" in

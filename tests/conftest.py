@@ -97,13 +97,37 @@ class Servers:
         with concurrent.futures.ThreadPoolExecutor(max(len(self._exits), 1)) as pool:
             list(pool.map(lambda cm: cm.__exit__(None, None, None), self._exits))
         self._exits.clear()
+        for (_, transport, _), client in self._clients.items():
+            if transport == "inprocess":
+                client.close()
+        self._clients.clear()
 
 
 # The servers the collected tests will ask for: started together, in parallel.
 _NEEDED: set[tuple[str, str, int]] = set()
 
 
+# Files with a few long tests: run first, so that under pytest-xdist (files in
+# collection order, `--no-loadscope-reorder`) none of them is left running alone at
+# the end. The other files follow, the largest first.
+_LONG_FILES = ("test_bench.py", "test_examples.py")
+
+
+def _file_order(items) -> None:
+    sizes: dict[str, int] = {}
+    for item in items:
+        sizes[item.path.name] = sizes.get(item.path.name, 0) + 1
+
+    def key(item):
+        name = item.path.name
+        first = _LONG_FILES.index(name) if name in _LONG_FILES else len(_LONG_FILES)
+        return (first, -sizes[name], name)
+
+    items.sort(key=key)  # stable: a file's tests keep their order
+
+
 def pytest_collection_modifyitems(config, items):
+    _file_order(items)
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         transport, tesseract = params.get("transport"), params.get("tesseract")

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tesseract_lx as tlx
 
-from conftest import fresh
+from conftest import fresh, Servers
 from helpers import JVP, SERVERS, TRANSPORTS, tree_allclose, VJP
 from schema_cases import (
     CONTAINER_DIFF_PATHS,
@@ -53,19 +53,25 @@ parametrize_transport = pytest.mark.parametrize("transport", TRANSPORTS)
 parametrize_mode = pytest.mark.parametrize("mode", ["sum", "max"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _start_servers(served):
-    """Start the servers this module needs together: each takes seconds to start."""
-    transports = list(SERVERS)
-    served.start(
-        [(str(c.path), t, 1) for c in SCHEMA_CASES.values() for t in transports]
-    )
+@pytest.fixture(scope="module")
+def schema_servers():
+    """This module's servers, started together (each takes seconds to start) and
+    stopped when the module is done: nothing else uses them."""
+    servers = Servers()
+    try:
+        transports = list(SERVERS)
+        servers.start(
+            [(str(c.path), t, 1) for c in SCHEMA_CASES.values() for t in transports]
+        )
+        yield servers
+    finally:
+        servers.close()
 
 
 @pytest.fixture
-def connect(served, transport):
+def connect(schema_servers, transport):
     """`connect(name)`: a client of the schema Tesseract `name`, its `stats` at zero."""
-    return lambda name: fresh(served.get(SCHEMA_CASES[name].path, transport))
+    return lambda name: fresh(schema_servers.get(SCHEMA_CASES[name].path, transport))
 
 
 def _sent(client: tlx.Client) -> dict[str, int]:

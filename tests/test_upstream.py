@@ -63,12 +63,12 @@ def upstream_examples(tmp_path_factory) -> Path:
     return download_examples(tmp_path_factory.mktemp("upstream"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def upstream_servers(request, upstream_examples):
     """`(example, transport) -> Client` for the servers the collected tests need.
 
     All are started at once (startup is mostly importing JAX, so they overlap), and
-    all are stopped at the end of the session, whatever happened.
+    all are stopped when this module is done, whatever happened.
     """
     wanted = set()
     for item in request.session.items:
@@ -111,7 +111,7 @@ def upstream_servers(request, upstream_examples):
             list(pool.map(lambda cm: cm.__exit__(None, None, None), exits))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def inprocess_clients():
     """`example -> Client.from_api(...)`, each made on first use."""
     clients: dict[str, tlx.Client] = {}
