@@ -275,6 +275,23 @@ def targets(rows: list[dict]) -> str:
         20,
         rtt_ms=50.0,
     )
+    t.faster(
+        "at a 50 ms round trip, the whole Newton solve on the server "
+        "(`tlx.OnServer(optx.Newton(...))`) at n = 256: >= 100x tesseract-jax",
+        "newton_whole",
+        100,
+        rtt_ms=50.0,
+    )
+    whole = [r for r in t.ours("newton_whole") if _ok(r)]
+    t.add(
+        "the whole Newton solve on the server (`tlx.OnServer(optx.Newton(...))`) on "
+        "`tesseract-lx serve`: 1 request per solve",
+        "; ".join(
+            f"{r['tesseract']} n={r['n']}: {requests_text(r)}" for r in whole
+        )
+        or "not run",
+        _all([r["sent"] == {"nonlinear_solve": 1} for r in whole]) if whole else None,
+    )
     onserver = [r for r in t.ours("newton_onserver") if _ok(r) and r["steps"]]
     figures = [
         f"{r['tesseract']} n={r['n']}: {sum(r['sent'].values()) / r['steps']:.2g}"
@@ -317,6 +334,7 @@ HEADLINE = (
     ("Newton + LU", "newton_lu", {}),
     ("Newton + local `lx.GMRES`", "newton_gmres", {}),
     ("Newton + `tlx.OnServer(lx.GMRES(...))`", "newton_onserver", {}),
+    ("the whole Newton solve: `tlx.OnServer(optx.Newton(...))`", "newton_whole", {}),
     ("vmapped `tlx.OnServer(lx.GMRES(...))`, 4 right-hand sides", "vmap_onserver", {}),
 )
 

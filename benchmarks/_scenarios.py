@@ -94,9 +94,9 @@ class Functional:
         fn = self.residual_fn()
         return lx.JacobianLinearOperator(fn, u, args, jac=self.jac)
 
-    def on_server(self, solver: lx.AbstractLinearSolver) -> lx.AbstractLinearSolver:
-        """`solver` as the contender runs a Krylov solve next to the Tesseract:
-        itself here; `tlx.OnServer(solver)` for tesseract_lx."""
+    def on_server(self, solver: Any) -> Any:
+        """`solver` (lineax's or optimistix's) as the contender runs a solve next to
+        the Tesseract: itself here; `tlx.OnServer(solver)` for tesseract_lx."""
         return solver
 
 
@@ -189,6 +189,23 @@ newton_gmres = _newton(
 newton_onserver = _newton(None, on_server=True)
 
 
+def newton_whole(case: Case, c):
+    """The whole Newton solve where the contender runs a solve next to the Tesseract:
+    `tlx.OnServer(optx.Newton(...))` for tesseract_lx, one request per root find."""
+    fn = c.residual_fn()
+    newton = c.on_server(
+        optx.Newton(rtol=TOL, atol=TOL, linear_solver=lx.GMRES(rtol=TOL, atol=TOL))
+    )
+
+    @jax.jit
+    def solve(u0, args):
+        sol = optx.root_find(fn, newton, u0, args, max_steps=MAX_STEPS, throw=False)
+        ok = sol.result == optx.RESULTS.successful
+        return {"value": sol.value, "steps": sol.stats["num_steps"], "ok": ok}
+
+    return solve, _root_problem(case)
+
+
 def _solve(solver):
     def scenario(case: Case, c):
         @jax.jit
@@ -276,7 +293,7 @@ FAR = (1.0, 10.0, 50.0)
 # At smallest: one round trip, and the scenario that shows the rest (a proxy per
 # server, a solve moved to the server and one that falls back to the client).
 FAR_SMALLEST = (1.0,)
-FAR_SMALLEST_SCENARIOS = ("newton_onserver",)
+FAR_SMALLEST_SCENARIOS = ("newton_onserver", "newton_whole")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +385,16 @@ SCENARIOS = {
             ("bratu_numpy", 16, 0),
             ("springs", 16, 0),
         ),
+        far=(("bratu", 16, 0),),
+        peer_from="newton_gmres",
+    ),
+    "newton_whole": Scenario(
+        "newton",
+        "`tlx.OnServer(optx.Newton(linear_solver=lx.GMRES(...)))`: the whole Newton "
+        "solve on the server where it serves `/nonlinear_solve`, one request "
+        "(tesseract-jax and pure JAX: the same maths, locally)",
+        newton_whole,
+        (("bratu", 16, 0), ("bratu", 32, 0), ("bratu_numpy", 16, 0), ("springs", 16, 0)),
         far=(("bratu", 16, 0),),
         peer_from="newton_gmres",
     ),

@@ -103,7 +103,7 @@ class Settings:
         # tesseract_lx on a stock server: every case; at smallest without
         # tesseract-jax, those that show what differs there (one JVP; `OnServer`
         # falling back, on two outputs too).
-        self.stock = ("jvp", "newton_onserver") if opts.smallest else None
+        self.stock = ("jvp", "newton_onserver", "newton_whole") if opts.smallest else None
 
     def on_stock(self, case: Case) -> bool:
         return self.stock is None or case.scenario in self.stock

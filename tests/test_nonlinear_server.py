@@ -34,6 +34,8 @@ SPRINGS = {
     "springs": PARTIAL / "springs" / "tesseract_api.py",
     "springs_numpy": PARTIAL / "springs_numpy" / "tesseract_api.py",
 }
+# Its JVP checks the point's values in NumPy: it does not trace under `jax.jit`.
+SPRINGS_CHECKED = PARTIAL / "springs_checked" / "tesseract_api.py"
 N = 8
 TOL = Tol(rtol=1e-12, atol=1e-12)
 ROOT_FINDERS = {
@@ -104,6 +106,45 @@ def test_root_find_is_one_request(springs, tesseract, transport, solver):
         np.testing.assert_allclose(s.value, ref.value, rtol=1e-10, atol=1e-12)
         assert int(s.stats["num_steps"]) == int(ref.stats["num_steps"])
         assert s.result == optx.RESULTS.successful
+
+
+# How the server computes the residual, per Tesseract: a JAX Tesseract's JVP is traced
+# into the compiled solve (its `apply` validates its outputs with pydantic, which
+# tracers do not pass: a callback); one whose JVP reads values is called back too; a
+# NumPy Tesseract is never traced.
+WAYS = {
+    "springs": "apply called back, JVP traced",
+    "checked": "apply and JVP called back",
+    "springs_numpy": "apply and JVP called back",
+}
+
+
+@pytest.mark.parametrize("transport", ["tlx", "inprocess"])
+@pytest.mark.parametrize("which", list(WAYS))
+def test_traced_where_the_tesseract_traces(served, which, transport, caplog):
+    """The server traces what traces into the compiled solve and calls back the rest
+    (logged, in process): the same root as optimistix in pure JAX either way, one
+    request per solve, at a second point too."""
+    path = SPRINGS_CHECKED if which == "checked" else SPRINGS[which]
+    client = fresh(served.get(path, transport))
+    f = tlx.TesseractModule(client)
+    # A size no other test solves at: this test's signature is compiled here.
+    inputs = springs_inputs(N + 3)
+    f(inputs)  # learns the output shapes: no `/abstract_eval` below
+    fn = tlx.residual_fn(f, wrt="x", of="residual")
+    args = {p: inputs[p] for p in ("k", "c", "f")}
+    inner = ROOT_FINDERS["newton_gmres"]
+    caplog.set_level("INFO", logger="tesseract_lx.server")
+    for x0 in (inputs["x"], inputs["x"] + 0.3):
+        client.stats.clear()
+        sol = optx.root_find(fn, tlx.OnServer(inner, allow_local=False), x0, args)
+        assert client.stats == ONE
+        ref = optx.root_find(_root_ref, inner, x0, args)
+        np.testing.assert_allclose(sol.value, ref.value, rtol=1e-10, atol=1e-12)
+        assert int(sol.stats["num_steps"]) == int(ref.stats["num_steps"])
+    if transport == "inprocess":
+        compiled = [m for r in caplog.records if "compiled" in (m := r.getMessage())]
+        assert compiled == [f"/nonlinear_solve: compiled with the {WAYS[which]}"]
 
 
 @pytest.mark.parametrize("solver", list(LEAST_SQUARES))

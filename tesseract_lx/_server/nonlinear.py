@@ -24,9 +24,9 @@ answer, not an error (the client decides, as optimistix's `throw=` does), unless
 `throw` asks for optimistix's message in a 500.
 
 How the residual is computed (`optimistix_solve.py`): the Tesseract's own `apply`
-and `jacobian_vector_product`, called in process from the jitted optimistix solve
-(host callbacks); a JAX Tesseract's JVP goes through the linearisation cache, so the
-forward pass at a point is compiled once per signature and run once per step.
+and `jacobian_vector_product`, traced into the jitted optimistix solve for a pure JAX
+Tesseract, else called from it as host callbacks (a JAX Tesseract's JVP then through
+the linearisation cache).
 """
 
 import threading
@@ -79,7 +79,12 @@ def nonlinear_solve_endpoint(
 
                 made.append(
                     NonlinearSolver(
-                        api_module, cached_module, output_shapes, jaxy, state.cache
+                        api_module,
+                        cached_module,
+                        output_shapes,
+                        jaxy,
+                        state.cache,
+                        pure=state.declaration.pure,
                     )
                 )
         return made[0]

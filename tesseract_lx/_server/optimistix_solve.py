@@ -5,13 +5,25 @@ Imported on an app's first `/nonlinear_solve` (`nonlinear.py`): it imports JAX,
 lineax and optimistix.
 
 The residual `y -> outputs at of` is the Tesseract's own `apply` at the request's
-point with `y` at `wrt`, a host callback; its derivative (a `jax.custom_jvp`) the
-Tesseract's `jacobian_vector_product` there, a host callback too (through the
-linearisation cache for a JAX Tesseract: the forward pass once per step, then tangent
-work only). optimistix runs jitted around them, once compiled per signature (paths,
-structures, solver settings), as `krylov.py`'s function mode: the callbacks read the
-request's point by a *handle*, an int32 operand, so one compiled solve serves every
-point and nothing kept holds a request's payload.
+point with `y` at `wrt`; its derivative (a `jax.custom_jvp`) the Tesseract's own
+`jacobian_vector_product` there. optimistix runs jitted around them, compiled once per
+signature (paths, structures, the point's non-array values, solver settings), in one
+of two ways:
+
+- **traced**: a pure JAX Tesseract whose `apply` and JVP trace under `jax.jit` is
+  traced *into* the solve (the point's arrays are operands, as in the linearisation
+  cache): XLA compiles residual, JVPs and the optimistix loop into one program, with
+  no trip to Python per step. Newton-GMRES on bratu at n=256: 93 ms with callbacks,
+  see `benchmarks/` for the figures now.
+- **callbacks**, everywhere else (a NumPy Tesseract, one that reads concrete values,
+  one that declares `TESSERACT_LX = {"pure": False}`): `apply` and the JVP are host
+  callbacks, as `krylov.py`'s function mode (a JAX Tesseract's JVP through the
+  linearisation cache: the forward pass once per step, then tangent work only). The
+  callbacks read the request's point by a *handle*, an int32 operand, so one compiled
+  solve serves every point and nothing kept holds a request's payload.
+
+A JAX Tesseract that fails to trace is solved by callbacks from then on for its
+signature, which is logged; the answer is the same.
 
 The derivative is forward mode only: optimistix's Newton, Chord, Gauss-Newton and
 Levenberg-Marquardt take forward-mode Jacobians (their dense step solvers materialise
@@ -21,6 +33,7 @@ gradient) are not offered (`_wire/nonlinear.py`).
 
 import contextlib
 import itertools
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
@@ -44,6 +57,7 @@ from .solve_payload import cast, Invalid, size
 from .upstream_optimistix import check_optimistix, message, result_code, result_names
 
 
+logger = logging.getLogger("tesseract_lx.server")
 _MAX_COMPILED = 64
 Structs = dict[str, jax.ShapeDtypeStruct]
 
@@ -121,6 +135,51 @@ def _where(path: str) -> tuple:
     return tuple(index for _, index in paths.segments(path))
 
 
+def _called_apply(apply_cb: Callable, outs: Structs) -> Callable:
+    """`(handle, leaves, y) -> residual` by the host callback `apply_cb`."""
+    carried = _carried(outs)
+
+    def primal(handle: Any, leaves: list, y: dict) -> dict:
+        out = jax.pure_callback(apply_cb, carried, handle, y, vmap_method="sequential")
+        return _from_carried(out, outs)
+
+    return primal
+
+
+def _called_jvp(jvp_cb: Callable, outs: Structs) -> Callable:
+    """`(handle, leaves, y, t) -> J t` by the host callback `jvp_cb`."""
+    carried = _carried(outs)
+
+    def tangent(handle: Any, leaves: list, y: dict, t: dict) -> dict:
+        # `expand_dims`: a dense step solver's `vmap` over the identity reaches the
+        # host as one batch of tangents.
+        out = jax.pure_callback(
+            jvp_cb, carried, handle, y, t, vmap_method="expand_dims"
+        )
+        return _from_carried(out, outs)
+
+    return tangent
+
+
+def _solving(optimise: Callable, primal: Callable, tangent: Callable) -> Callable:
+    """`(handle, leaves, y0) -> optimise(residual, y0)`, the residual `primal` with
+    the derivative `tangent` (see `_called_apply`, `NonlinearSolver._traced`)."""
+
+    def solve(handle: Any, leaves: list, y0: dict) -> Any:
+        @jax.custom_jvp
+        def residual(y: dict) -> dict:
+            return primal(handle, leaves, y)
+
+        @residual.defjvp
+        def _(primals: tuple, tangents: tuple) -> tuple:
+            (y,), (t,) = primals, tangents
+            return residual(y), tangent(handle, leaves, y, t)
+
+        return optimise(residual, y0)
+
+    return solve
+
+
 class NonlinearSolveFailed(RuntimeError):
     """A solve that failed, asked to `throw`: answered as a 500 carrying
     optimistix's message (its type names this class)."""
@@ -143,6 +202,8 @@ class NonlinearSolver:
     - `cache`: the app's `LinearisationCache`, or `None`: a batch of tangents at one
         point (a dense step solver materialising the Jacobian) then goes through
         its `vmap` of the linearisation, in one call.
+    - `pure`: whether the Tesseract is a pure function of its inputs
+        (`TESSERACT_LX["pure"]`); a JAX Tesseract is traced into the solve only then.
     """
 
     def __init__(
@@ -152,6 +213,7 @@ class NonlinearSolver:
         output_shapes: Callable[[Any], Any],
         jaxy: bool,
         cache: Any = None,
+        pure: bool = True,
     ):
         check_optimistix()
         self.apply_fn = api_module.apply
@@ -160,6 +222,7 @@ class NonlinearSolver:
         self.cache = cache
         self.output_shapes = output_shapes
         self.jaxy = jaxy
+        self.traceable = jaxy and pure
         self.names = result_names()
         self._compiled: OrderedDict[Hashable, Callable] = OrderedDict()
         self._lock = threading.Lock()
@@ -200,13 +263,30 @@ class NonlinearSolver:
                 )
             spec = payload.solver
             tags = tuple(sorted(set(payload.tags)))
+            skeleton, arrays = trees.flatten(payload.inputs)
             shapes = (tuple(sorted(ins.items())), tuple(sorted(outs.items())))
-            key = (shapes, spec.model_dump_json(), payload.max_steps, tags)
+            key = (
+                shapes,
+                trees.key(skeleton),
+                spec.model_dump_json(),
+                payload.max_steps,
+                tags,
+            )
+            args = (np.int32(handle), [np.asarray(a) for a in arrays.values()], y0)
             run = self._compile(
-                key, lambda: self._make(ins, outs, spec, payload.max_steps, tags)
+                key,
+                lambda: self._make(
+                    ins,
+                    outs,
+                    spec,
+                    payload.max_steps,
+                    tags,
+                    (payload.inputs, skeleton, list(arrays)),
+                    args,
+                ),
             )
             # Done before the handle is: JAX may return before its callbacks ran.
-            value, code, steps = jax.block_until_ready(run(np.int32(handle), y0))
+            value, code, steps = jax.block_until_ready(run(*args))
         name = self.names[int(code)]
         if payload.throw and name != "successful":
             raise NonlinearSolveFailed(message(name))
@@ -248,11 +328,13 @@ class NonlinearSolver:
         spec: Any,
         max_steps: int,
         tags: tuple[str, ...],
+        point: tuple[Any, Any, list],
+        args: tuple,
     ) -> Callable:
-        """The jitted `(handle, y0) -> (solution, result code, steps)` of one
-        signature."""
+        """The `(handle, leaves, y0) -> (solution, result code, steps)` of one
+        signature: traced where the Tesseract allows (compiled here, for `args`),
+        else by callbacks. `point` is `(inputs, skeleton, array paths)`."""
         wrt, of = tuple(ins), tuple(outs)
-        apply_cb, jvp_cb = self._callbacks(wrt, of, ins, outs)
         solver = optimistix_solver(spec)
         least_squares = spec.name in nonlinear.LEAST_SQUARES
         tag_set = frozenset(getattr(lx, f"{t}_tag") for t in tags)
@@ -263,26 +345,7 @@ class NonlinearSolver:
         def unpack(x: Any, keys: tuple) -> dict:
             return {keys[0]: x} if len(keys) == 1 else x
 
-        carried = _carried(outs)
-
-        def solve(handle: Any, y0: dict) -> Any:
-            @jax.custom_jvp
-            def residual(y: dict) -> dict:
-                out = jax.pure_callback(
-                    apply_cb, carried, handle, y, vmap_method="sequential"
-                )
-                return _from_carried(out, outs)
-
-            @residual.defjvp
-            def _(primals: tuple, tangents: tuple) -> tuple:
-                (y,), (t,) = primals, tangents
-                # `expand_dims`: a dense step solver's `vmap` over the identity
-                # reaches the host as one batch of tangents.
-                jvp = jax.pure_callback(
-                    jvp_cb, carried, handle, y, t, vmap_method="expand_dims"
-                )
-                return residual(y), _from_carried(jvp, outs)
-
+        def optimise(residual: Callable[[dict], dict], y0: dict) -> Any:
             def fn(y: Any, args: Any) -> Any:
                 return pack(residual(unpack(y, wrt)), of)
 
@@ -298,7 +361,65 @@ class NonlinearSolver:
             value = unpack(sol.value, wrt)
             return value, result_code(sol.result), sol.stats["num_steps"]
 
-        return jax.jit(solve)
+        # The ways to compute the residual and its JVPs, the fastest first: both
+        # traced; `apply` by callback (tesseract-core's JAX recipe validates its
+        # outputs in `apply`, which tracers do not pass) and the JVPs traced; both by
+        # callbacks, which always trace.
+        apply_cb, jvp_cb = self._callbacks(wrt, of, ins, outs)
+        called = (_called_apply(apply_cb, outs), _called_jvp(jvp_cb, outs))
+        ways = []
+        if self.traceable:
+            apply_tr, jvp_tr = self._traced(wrt, of, outs, *point)
+            ways = [("apply and JVP traced", apply_tr, jvp_tr)]
+            ways += [("apply called back, JVP traced", called[0], jvp_tr)]
+        for way, primal, tangent in ways:
+            try:
+                solve = jax.jit(_solving(optimise, primal, tangent))
+                compiled = solve.lower(*args).compile()
+            except Exception as e:  # noqa: BLE001 - any failure to trace: the next way
+                logger.info(
+                    "/nonlinear_solve: not with the %s, which does not trace under "
+                    "jax.jit (%s: %s)",
+                    way,
+                    type(e).__name__,
+                    e,
+                )
+                continue
+            logger.info("/nonlinear_solve: compiled with the %s", way)
+            return compiled
+        logger.info("/nonlinear_solve: compiled with the apply and JVP called back")
+        solve = jax.jit(_solving(optimise, *called))
+        # The point's arrays stay out of it: the callbacks read the point by handle.
+        return lambda handle, leaves, y0: solve(handle, [], y0)
+
+    def _traced(
+        self, wrt: tuple, of: tuple, outs: Structs, inputs: Any, skeleton: Any, at: list
+    ) -> tuple[Callable, Callable]:
+        """`(primal, tangent)`: `(handle, leaves, y) -> residual` and `(handle, leaves,
+        y, t) -> J t`, the Tesseract's `apply` and JVP traced at the point whose
+        arrays (at the paths `at`) are `leaves`, with `y` at `wrt`. They keep of the
+        request its structure and non-array values, not its arrays."""
+        apply_fn, jvp_fn = self.apply_fn, self.raw_jvp
+        template = trees.rebuild(inputs, (), dict.fromkeys(at))
+        where = {p: _where(p) for p in wrt}
+
+        def point(leaves: list, y: dict) -> Any:
+            values = dict(zip(at, leaves, strict=True))
+            values.update({where[p]: v for p, v in y.items()})
+            return trees.traced(template, skeleton, values)
+
+        def cast(out: Any) -> dict:
+            return {
+                p: jax.numpy.asarray(get_at_path(out, p), outs[p].dtype) for p in of
+            }
+
+        def primal(handle: Any, leaves: list, y: dict) -> dict:
+            return cast(apply_fn(point(leaves, y)))
+
+        def tangent(handle: Any, leaves: list, y: dict, t: dict) -> dict:
+            return cast(jvp_fn(point(leaves, y), set(wrt), set(of), t))
+
+        return primal, tangent
 
     def _callbacks(
         self, wrt: tuple, of: tuple, ins: Structs, outs: Structs
