@@ -55,12 +55,14 @@ case "$job" in
         # The drop-in (tesseract-jax's function, and parity with it) over every
         # transport; the module, the operators and OnServer over `tesseract-lx serve`
         # only (the drop-in covers the stock server, the first leg the in-process
-        # transport); tesseract-core's examples' apply, JVP and VJP in process.
+        # transport), on every Tesseract but the Poisson ones (the first leg has
+        # them); tesseract-core's examples' apply, JVP and VJP in process.
         upstream="test_upstream.py and inprocess and (test_apply or test_jvp or test_vjp)"
+        core="not test_upstream.py and not stock and not inprocess and not poisson"
         exec python -m pytest -q --durations=10 $PARALLEL \
             tests/test_parity.py tests/test_apply.py tests/test_module.py \
             tests/test_operator.py tests/test_onserver.py tests/test_upstream.py \
-            -k "test_parity.py or test_apply.py or ($upstream) or (not test_upstream.py and not stock and not inprocess)" \
+            -k "test_parity.py or test_apply.py or ($upstream) or ($core)" \
             "$@" ;;
     demo) extra=demo ;;
     test | bench | docs) extra=dev ;;

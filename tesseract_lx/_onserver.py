@@ -213,7 +213,8 @@ class OnServer(lx.AbstractLinearSolver, metaclass=_ByKind):
     steps, `sol.result` its result, so `throw=True` raises optimistix's own message.
     The server's solve takes at most 256 steps (optimistix's default `max_steps`;
     `root_find`'s own `max_steps` bounds the steps counted here). A `jax.vmap` over
-    `y0` or `args` is one request per point. Gradients through the solution go
+    `y0` or `args` is one request for the whole batch (chunks of the server's
+    `max_batch`). Gradients through the solution go
     through optimistix's adjoint here (`ImplicitAdjoint`: the Jacobian at the root,
     materialised by the module's batching rule, and one VJP; with
     `ImplicitAdjoint(linear_solver=tlx.OnServer(lx.GMRES(...)))` one

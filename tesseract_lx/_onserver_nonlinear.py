@@ -142,49 +142,83 @@ def _postprocess(self, fn, y, aux, args, options, state: _State, tags, result):
 
 
 def _send(found: problem.Residual, y: Any, wrapper: Any, tags: list[str]):
-    """The `/nonlinear_solve` request (one per point): `(solution, result, steps)`."""
+    """The `/nonlinear_solve` request: `(solution, result, steps)`. Under `jax.vmap`
+    the callback gets the whole batch of problems, sent as one request (chunks of
+    the server's `max_batch`) where the server takes a `batch`, else one each."""
     call, wrt, of = found.call, found.wrt, found.of
     leaves = {leaf.path: leaf for leaf in call.inputs}
     structs = [jax.ShapeDtypeStruct(leaves[p].shape, leaves[p].dtype) for p in wrt]
     y_leaves = unpack(wrt, y, structs)
     fixed = [(i, v) for i, v in enumerate(found.point) if v is not None]
     at_y = [i for i, v in enumerate(found.point) if v is None]
-    spec = json.loads(wrapper.spec)
-    max_steps = wrapper.max_steps
-    n_fixed = len(fixed)
+    # `y`'s leaves sit at the operands `at_y`, in `call.in_paths` order.
+    order = {p: k for k, p in enumerate(wrt)}
+    operands = [v for _, v in fixed] + [y_leaves[order[call.in_paths[i]]] for i in at_y]
+    where = [i for i, _ in fixed] + at_y
+    ranks = [jnp.ndim(v) for v in operands]
+    request = {
+        "wrt": list(wrt),
+        "of": list(of),
+        "solver": json.loads(wrapper.spec),
+        "max_steps": wrapper.max_steps,
+        "tags": tags,
+    }
+
+    def host(*arrays):
+        arrays = [np.asarray(a) for a in arrays]
+        lead = arrays[0].shape[: arrays[0].ndim - ranks[0]]
+        full = np.broadcast_shapes(*(a.shape[: len(lead)] for a in arrays))
+        n = int(np.prod(full, dtype=np.int64))
+        # Each operand as `(n, ...)` where it varies over the batch, `(1, ...)` where
+        # it does not (`expand_dims` gives it leading axes of size 1).
+        flat = [
+            np.broadcast_to(a, (*full, *a.shape[len(lead) :])).reshape(
+                (n, *a.shape[len(lead) :])
+            )
+            if a.shape[: len(lead)] != (1,) * len(lead)
+            else a.reshape((1, *a.shape[len(lead) :]))
+            for a in arrays
+        ]
+        varying = [k for k, a in enumerate(flat) if a.shape[0] > 1]
+        caps = call.client.capabilities
+        chunk = max(int(caps.max_batch or 1), 1) if caps.nonlinear_batch else 1
+        answers = []
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            answers.extend(_request(start, stop, flat, varying, n))
+        solution = [np.stack([a[k] for a in answers]) for k in range(len(wrt))]
+        codes, steps = (np.array([a[k] for a in answers], np.int32) for k in (-2, -1))
+        return (
+            *(v.reshape((*full, *v.shape[1:])) for v in solution),
+            codes.reshape(full),
+            steps.reshape(full),
+        )
+
+    def _request(start: int, stop: int, flat: list, varying: list, n: int) -> list:
+        """The answers of problems `start:stop` (of `n`): one request when there are
+        several, each `_take`n apart."""
+        values: list = list(found.point)
+        for k, i in enumerate(where):
+            values[i] = flat[k][start if k in varying else 0]
+        payload = {"inputs": call.payload(values), **request}
+        point = [np.asarray(v) for v in values]
+        if stop - start == 1:
+            answer = call.client.request(NONLINEAR_SOLVE, payload, size=size(point))
+            return [_take(call, answer, wrt, structs)]
+        stacked = {call.in_paths[where[k]]: flat[k][start:stop] for k in varying}
+        payload["batch"] = {"size": stop - start, "inputs": stacked}
+        answer = call.client.request(
+            NONLINEAR_SOLVE, payload, size=size(point), k=stop - start
+        )
+        return _take_batch(call, answer, wrt, structs, stop - start)
+
     result_shapes = (
         *structs,
         jax.ShapeDtypeStruct((), jnp.int32),
         jax.ShapeDtypeStruct((), jnp.int32),
     )
-
-    def host(*arrays):
-        values: list = list(found.point)
-        for (i, _), a in zip(fixed, arrays[:n_fixed]):
-            values[i] = np.asarray(a)
-        for i, a in zip(at_y, arrays[n_fixed:]):
-            values[i] = np.asarray(a)
-        payload = {
-            "inputs": call.payload(values),
-            "wrt": list(wrt),
-            "of": list(of),
-            "solver": spec,
-            "max_steps": max_steps,
-            "tags": tags,
-        }
-        point = [np.asarray(v) for v in values]
-        answer = call.client.request(NONLINEAR_SOLVE, payload, size=size(point))
-        return _take(call, answer, wrt, structs)
-
-    # `y`'s leaves sit at the operands `at_y`, in `call.in_paths` order.
-    order = {p: k for k, p in enumerate(wrt)}
-    y_in_call_order = [y_leaves[order[call.in_paths[i]]] for i in at_y]
     *solution, code, steps = jax.pure_callback(
-        host,
-        result_shapes,
-        *(v for _, v in fixed),
-        *y_in_call_order,
-        vmap_method="sequential",
+        host, result_shapes, *operands, vmap_method="expand_dims"
     )
     result = optx.RESULTS.successful
     for i, name in enumerate(spec_of.RESULTS_NAMES):
@@ -193,6 +227,43 @@ def _send(found: problem.Residual, y: Any, wrapper: Any, tags: list[str]):
     given = [y] if len(wrt) == 1 else [y[p] for p in wrt]
     solution = [s.astype(jnp.result_type(g)) for s, g in zip(solution, given)]
     return pack(wrt, solution), result, steps
+
+
+def _take_batch(
+    call: Any, answer: Any, wrt: tuple[str, ...], structs: list, n: int
+) -> list:
+    """The answers of a batch of `n` problems, each as `_take` gives it."""
+    get = answer.get if isinstance(answer, dict) else lambda _: None
+    solution, names, steps = get("solution"), get("result"), get("num_steps")
+    if not (
+        isinstance(solution, dict)
+        and isinstance(names, list)
+        and isinstance(steps, list)
+        and len(names) == len(steps) == n
+    ):
+        raise malformed(
+            call,
+            NONLINEAR_SOLVE,
+            f"the answer to a batch of {n} lacks `solution`, or a `result` and "
+            f"`num_steps` for each problem",
+        )
+    arrays = {p: np.asarray(solution.get(p)) for p in wrt}
+    return [
+        _take(
+            call,
+            {
+                "solution": {
+                    p: a[i] if a.ndim and a.shape[0] == n else None
+                    for p, a in arrays.items()
+                },
+                "result": names[i],
+                "num_steps": steps[i],
+            },
+            wrt,
+            structs,
+        )
+        for i in range(n)
+    ]
 
 
 def _take(call: Any, answer: Any, wrt: tuple[str, ...], structs: list) -> tuple:

@@ -96,6 +96,7 @@ def _merge_capabilities(
         # Solvers a whole nonlinear solve may ask for: those every replica runs.
         nonlinear_solvers=_common(served, "nonlinear_solvers"),
         nonlinear_step_solvers=_common(served, "nonlinear_step_solvers"),
+        nonlinear_batch=bool(served) and all(c.nonlinear_batch for c in served),
     )
     return merged, disagreements
 

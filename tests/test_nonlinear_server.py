@@ -10,6 +10,7 @@ server (a stock server, a residual that is not one Tesseract's), it runs here an
 says so. Malformed payloads are 422s naming the field.
 """
 
+import dataclasses
 import warnings
 
 import jax
@@ -172,37 +173,84 @@ def test_least_squares_is_one_request(springs, tesseract, transport, solver):
     assert sol.result == optx.RESULTS.successful
 
 
+@pytest.mark.parametrize("transport", ["tlx", "inprocess"])
+@pytest.mark.parametrize("tesseract", [*SPRINGS, "checked"])
+def test_vmap_is_one_request(served, tesseract, transport):
+    """`jax.vmap` over `args`, over `y0`, over both and nested, jitted or not: one
+    request for the whole batch (the server `vmap`s a traced solve, or loops), each
+    problem's root and steps as optimistix's in pure JAX."""
+    path = SPRINGS_CHECKED if tesseract == "checked" else SPRINGS[tesseract]
+    client = fresh(served.get(path, transport))
+    assert client.capabilities.nonlinear_batch
+    f = tlx.TesseractModule(client)
+    inputs = springs_inputs(N)
+    f(inputs)  # learns the output shapes: no `/abstract_eval` below
+    fn = tlx.residual_fn(f, wrt="x", of="residual")
+    x0, args = inputs["x"], {p: inputs[p] for p in ("k", "c", "f")}
+    newton = ROOT_FINDERS["newton_gmres"]
+
+    def solve(fn, solver, y, force):
+        sol = optx.root_find(fn, solver, y, {**args, "f": force})
+        return sol.value, sol.stats["num_steps"]
+
+    forces = jnp.stack([args["f"], 2 * args["f"], -args["f"]])
+    starts = jnp.stack([x0, x0 + 0.5, x0 - 0.2])
+    cases = {
+        "args": (None, 0, x0, forces),
+        "y0": (0, None, starts, args["f"]),
+        "both": (0, 0, starts, forces),
+    }
+    for name, (y_axis, f_axis, ys, fs) in cases.items():
+        on_server = tlx.OnServer(newton, allow_local=False)
+        ours = jax.vmap(lambda y, g: solve(fn, on_server, y, g), (y_axis, f_axis))
+        pure = jax.vmap(lambda y, g: solve(_root_ref, newton, y, g), (y_axis, f_axis))
+        want, want_steps = jax.jit(pure)(ys, fs)
+        for run in (ours, jax.jit(ours)) if name == "args" else (jax.jit(ours),):
+            client.stats.clear()
+            got, steps = run(ys, fs)
+            assert client.stats == ONE, name
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=name)
+            np.testing.assert_array_equal(steps, want_steps, err_msg=name)
+
+    # Nested: a 2 x 3 grid of forces and starts, one request.
+    client.stats.clear()
+    inner = jax.vmap(lambda y, g: solve(fn, tlx.OnServer(newton), y, g)[0], (0, None))
+    got = jax.vmap(inner, (None, 0))(starts, forces[:2])
+    assert client.stats == ONE
+    want = jax.jit(
+        jax.vmap(
+            jax.vmap(lambda y, g: solve(_root_ref, newton, y, g)[0], (0, None)),
+            (None, 0),
+        )
+    )(starts, forces[:2])
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("transport", ["tlx"])
-@pytest.mark.parametrize("tesseract", list(SPRINGS))
-def test_vmap_is_one_request_per_point(springs, tesseract, transport):
-    """`jax.vmap` over `args` and over `y0`: one request per point (the server
-    solves one point per request), each as pure JAX."""
+@pytest.mark.parametrize("tesseract", ["springs"])
+def test_vmap_follows_the_servers_batch_limit(
+    springs, tesseract, transport, monkeypatch
+):
+    """A batch larger than the server's `max_batch` goes in chunks; to a server that
+    does not say it takes a batch, one request per problem. A least-squares fit
+    vmapped over its initial values too. Against pure JAX."""
     client, f, x0, args = springs
     fn = tlx.residual_fn(f, wrt="x", of="residual")
-    newton = ROOT_FINDERS["newton_gmres"]
-    forces = jnp.stack([args["f"], 2 * args["f"], -args["f"]])
-
-    def solve(fn, solver, force):
-        return optx.root_find(fn, solver, x0, {**args, "f": force}).value
-
-    got = jax.vmap(lambda g: solve(fn, tlx.OnServer(newton), g))(forces)
-    want = jax.vmap(lambda g: solve(_root_ref, newton, g))(forces)
-    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-    assert client.stats == {NONLINEAR_SOLVE: 3}
-
-    client.stats.clear()
-    starts = jnp.stack([x0, x0 + 0.5])
-    lm = tlx.OnServer(LEAST_SQUARES["levenberg_marquardt"])
-    got = jax.vmap(lambda y: optx.least_squares(fn, lm, y, args).value)(starts)
-    want = jax.vmap(
-        lambda y: (
-            optx.least_squares(
-                _root_ref, LEAST_SQUARES["levenberg_marquardt"], y, args
-            ).value
-        )
+    starts = jnp.stack([x0, x0 + 0.5, x0 - 0.2, x0 + 0.1, x0 - 0.4])
+    lm = LEAST_SQUARES["levenberg_marquardt"]
+    want = jax.jit(
+        jax.vmap(lambda y: optx.least_squares(_root_ref, lm, y, args).value)
     )(starts)
-    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9)
-    assert client.stats == {NONLINEAR_SOLVE: 2}
+    said = client.capabilities
+    for limit, batch, sent in ((2, True, 3), (65536, False, 5)):
+        caps = dataclasses.replace(said, max_batch=limit, nonlinear_batch=batch)
+        monkeypatch.setattr(type(client), "capabilities", property(lambda _: caps))
+        client.stats.clear()
+        got = jax.vmap(
+            lambda y: optx.least_squares(fn, tlx.OnServer(lm), y, args).value
+        )(starts)
+        np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9)
+        assert client.stats == {NONLINEAR_SOLVE: sent}
 
 
 @pytest.mark.parametrize("transport", ["tlx", "inprocess"])
@@ -388,6 +436,29 @@ MALFORMED = [
     ({"solver": {"name": "Dogleg", "rtol": 0, "atol": 0}}, "solver", ""),
     ({"max_steps": 0}, "max_steps", ""),
     ({"wrt": []}, "wrt", "empty"),
+    (
+        {"batch": {"size": 2, "inputs": {"f": np.zeros((3, N))}}},
+        "batch.inputs.f",
+        f"expected (2, {N})",
+    ),
+    (
+        {"batch": {"size": 2, "inputs": {"g": np.zeros((2, N))}}},
+        "batch.inputs.g",
+        "names no array input",
+    ),
+    (
+        {"batch": {"size": 2, "y0": {"x": np.zeros((2, N + 1))}}},
+        "batch.y0.x",
+        f"expected (2, {N})",
+    ),
+    (
+        {"y0": {"x": np.zeros(N)}, "batch": {"size": 2, "y0": {"x": np.zeros((2, N))}}},
+        "batch.y0",
+        "both given",
+    ),
+    ({"batch": {"size": 2, "y0": {"k": np.zeros(2)}}}, "batch.y0", "keys of `wrt`"),
+    ({"batch": {"size": 70000}}, "batch.size", "at most 65536"),
+    ({"batch": {"size": 0}}, "batch.size", ""),
 ]
 
 
@@ -412,6 +483,7 @@ def test_capabilities_state_the_endpoint(springs, tesseract, transport):
     assert client.serves(NONLINEAR_SOLVE)
     assert client.capabilities.nonlinear_solvers == nonlinear.NAMES
     assert client.capabilities.nonlinear_step_solvers == nonlinear.STEP_SOLVERS
+    assert client.capabilities.nonlinear_batch
 
 
 def test_solvers_that_do_not_travel_are_refused():

@@ -251,6 +251,7 @@ def create_app(
     if serves_nonlinear(api_module):
         state.nonlinear_solvers = NONLINEAR_SOLVERS
         state.nonlinear_step_solvers = NONLINEAR_STEP_SOLVERS
+        state.nonlinear_batch = True
         fn, check = nonlinear_solve_endpoint(
             api_module, cached_module, stock, state, output_shapes, jaxy
         )

@@ -75,7 +75,7 @@ class ServerState:
     - `binary`: whether the computational endpoints take binary bodies (`lean.py`).
     - `solve_options`: the lineax `options` `/linear_solve` takes (`()` without it).
     - `nonlinear_solvers`, `nonlinear_step_solvers`: what `/nonlinear_solve` runs
-        (`()` without it).
+        (`()` without it); `nonlinear_batch`: whether it takes a `batch`.
     """
 
     def __init__(
@@ -106,6 +106,7 @@ class ServerState:
         self.solve_options = solve_options
         self.nonlinear_solvers: tuple[str, ...] = ()
         self.nonlinear_step_solvers: tuple[str, ...] = ()
+        self.nonlinear_batch = False
 
     def fall_back(self, endpoint: str) -> None:
         """`endpoint` loops from now on (and `/openapi.json` says so)."""
@@ -130,6 +131,7 @@ class ServerState:
             linear_solve_options=self.solve_options,
             nonlinear_solvers=self.nonlinear_solvers,
             nonlinear_step_solvers=self.nonlinear_step_solvers,
+            nonlinear_batch=self.nonlinear_batch,
         )
 
     def info(self) -> dict[str, Any]:

@@ -85,6 +85,7 @@ def nonlinear_solve_endpoint(
                         jaxy,
                         state.cache,
                         pure=state.declaration.pure,
+                        max_batch=state.max_batch,
                     )
                 )
         return made[0]

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tesseract_core.runtime import Array
+from tesseract_core.runtime.tree_transforms import get_at_path, is_arraylike
 
 from .._wire import nonlinear
 from .solve_payload import _arrays, _describe, _square, Invalid
@@ -23,6 +24,30 @@ from .solve_payload import _arrays, _describe, _square, Invalid
 # Steps a solve may take at most; a client asks for fewer.
 MAX_STEPS = 100_000
 _DEFINITE = {"positive_semidefinite", "negative_semidefinite"}
+
+
+class NonlinearBatch(BaseModel):
+    """Several problems in one request: the same Tesseract, paths and solver, at
+    points that differ in some inputs, from initial values of their own."""
+
+    model_config = ConfigDict(extra="forbid")
+    size: int = Field(..., ge=1, description="The number of problems.")
+    inputs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="`{path: array}`: the array inputs that differ between the "
+        "problems, each stacked along a leading axis of `size`; the others are "
+        "`inputs`' own.",
+    )
+    y0: dict[str, Any] | None = Field(
+        None,
+        description="The initial values, keyed by `wrt`, stacked the same way; "
+        "`null`: each problem's inputs at `wrt`.",
+    )
+
+    @field_validator("inputs", "y0", mode="before")
+    @classmethod
+    def _vectors(cls, value: Any, info: Any) -> Any:  # a `ValidationInfo`
+        return _arrays(f"batch.{info.field_name}", value)
 
 
 def payload_model(StockJVP: type) -> type[BaseModel]:
@@ -63,6 +88,12 @@ def payload_model(StockJVP: type) -> type[BaseModel]:
             description="Answer a solve that fails with an error carrying "
             "optimistix's message (a 500), rather than with its `result`.",
         )
+        batch: NonlinearBatch | None = Field(
+            None,
+            description="Several problems at once (see `NonlinearBatch`); the "
+            "answer's arrays then have a leading axis of `batch.size`, and "
+            "`num_steps` and `result` are lists.",
+        )
 
         @field_validator("y0", mode="before")
         @classmethod
@@ -76,17 +107,23 @@ class NonlinearSolveOutputSchema(BaseModel):
     solution: dict[str, Array[..., None]] = Field(  # pyright: ignore[reportInvalidTypeForm]
         ..., description="`{path: array}`, keyed by `wrt`."
     )
-    num_steps: int = Field(..., description="The optimistix solver's steps.")
-    result: str = Field(..., description="optimistix's `RESULTS` name.")
+    num_steps: int | list[int] = Field(
+        ..., description="The optimistix solver's steps (per problem of a batch)."
+    )
+    result: str | list[str] = Field(
+        ..., description="optimistix's `RESULTS` name (per problem of a batch)."
+    )
 
 
-def check_payload(payload: Any, ins: dict, outs: dict | None) -> None:
-    """`wrt`, `of`, `y0`, `tags` and the solver of a validated payload against the
-    problem's structure (`{path: struct}` at `wrt`, at `of`; `outs` is `None` when
-    not known yet): an `Invalid` naming the field."""
+def check_payload(payload: Any, ins: dict, outs: dict | None, max_batch: int) -> None:
+    """`wrt`, `of`, `y0`, `tags`, `batch` and the solver of a validated payload
+    against the problem's structure (`{path: struct}` at `wrt`, at `of`; `outs` is
+    `None` when not known yet): an `Invalid` naming the field."""
     for field in ("wrt", "of"):
         if not getattr(payload, field):
             raise Invalid((field,), f"`{field}` is empty: a solve needs paths.")
+    if payload.batch is not None:
+        _check_batch(payload, ins, max_batch)
     if payload.y0 is not None:
         if set(payload.y0) != set(payload.wrt):
             raise Invalid(
@@ -158,3 +195,50 @@ def _check_solver(payload: Any, ins: dict, outs: dict) -> None:
             "CG needs the tag `positive_semidefinite` or `negative_semidefinite` (it "
             "is not checked: the Jacobian must be so).",
         )
+
+
+def _check_batch(payload: Any, ins: dict, max_batch: int) -> None:
+    batch = payload.batch
+    n = batch.size
+    if n > max_batch:
+        raise Invalid(
+            ("batch", "size"),
+            f"`batch.size` is {n}; this server takes at most {max_batch} problems "
+            "per request (`--max-batch`).",
+        )
+    if batch.y0 is not None and payload.y0 is not None:
+        raise Invalid(("batch", "y0"), "`y0` and `batch.y0` are both given: give one.")
+    for p, arr in batch.inputs.items():
+        try:
+            ref = get_at_path(payload.inputs, p)
+        except Exception:  # noqa: BLE001 - any path that does not resolve
+            ref = None
+        if ref is None or not is_arraylike(ref):
+            raise Invalid(
+                ("batch", "inputs", p),
+                f"`batch.inputs.{p}` names no array input of `inputs`.",
+            )
+        _check_stacked(("batch", "inputs", p), arr, n, np.shape(ref), ref.dtype)
+    if batch.y0 is not None:
+        if set(batch.y0) != set(payload.wrt):
+            raise Invalid(
+                ("batch", "y0"),
+                f"`batch.y0` must have exactly the keys of `wrt` "
+                f"({sorted(payload.wrt)}); got {sorted(batch.y0)}.",
+            )
+        for p, arr in batch.y0.items():
+            _check_stacked(("batch", "y0", p), arr, n, ins[p].shape, ins[p].dtype)
+
+
+def _check_stacked(loc: tuple, arr: Any, n: int, shape: tuple, dtype: Any) -> None:
+    where = ".".join(loc)
+    want = (n, *tuple(shape))
+    if tuple(np.shape(arr)) != want:
+        raise Invalid(
+            loc,
+            f"`{where}` has shape {tuple(np.shape(arr))}; expected {want} (`batch."
+            "size` problems, each shaped as the input).",
+        )
+    got = np.asarray(arr).dtype
+    if not np.can_cast(got, dtype, "same_kind"):
+        raise Invalid(loc, f"`{where}` has dtype {got}; expected {np.dtype(dtype)}.")

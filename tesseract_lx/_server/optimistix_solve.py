@@ -32,6 +32,7 @@ gradient) are not offered (`_wire/nonlinear.py`).
 """
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -180,6 +181,42 @@ def _solving(optimise: Callable, primal: Callable, tangent: Callable) -> Callabl
     return solve
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """The solve of one signature: `single(handle, leaves, y0) -> (solution, result
+    code, steps)`; `solve`, the same uncompiled, where it is traced (a batch is then
+    its `jax.vmap`), `None` where it calls back (a batch is then a loop); `way`, how
+    it computes (logged)."""
+
+    single: Callable
+    solve: Callable | None
+    way: str
+
+
+def _stacked_y0(batch: Any, y0: dict, ins: Structs, given: bool) -> dict:
+    """The initial values of a batch, `{path: (size, ...)}`: `batch.y0`; else the
+    payload's `y0` for every problem where it is `given`; else each problem's inputs
+    at `wrt` (`y0`, the payload's inputs there, where they do not differ)."""
+    if batch.y0 is not None:
+        return {p: np.asarray(v, ins[p].dtype) for p, v in batch.y0.items()}
+    return {
+        p: np.asarray(batch.inputs[p], ins[p].dtype)
+        if p in batch.inputs and not given
+        else np.broadcast_to(y0[p], (batch.size, *np.shape(y0[p])))
+        for p in ins
+    }
+
+
+def _answer(solution: dict, steps: Any, result: Any) -> NonlinearSolveOutputSchema:
+    return NonlinearSolveOutputSchema.model_validate(
+        {
+            "solution": {p: np.asarray(v) for p, v in solution.items()},
+            "num_steps": steps,
+            "result": result,
+        }
+    )
+
+
 class NonlinearSolveFailed(RuntimeError):
     """A solve that failed, asked to `throw`: answered as a 500 carrying
     optimistix's message (its type names this class)."""
@@ -204,6 +241,7 @@ class NonlinearSolver:
         its `vmap` of the linearisation, in one call.
     - `pure`: whether the Tesseract is a pure function of its inputs
         (`TESSERACT_LX["pure"]`); a JAX Tesseract is traced into the solve only then.
+    - `max_batch`: the most problems one request may carry (`batch.size`).
     """
 
     def __init__(
@@ -214,6 +252,7 @@ class NonlinearSolver:
         jaxy: bool,
         cache: Any = None,
         pure: bool = True,
+        max_batch: int = 1,
     ):
         check_optimistix()
         self.apply_fn = api_module.apply
@@ -223,8 +262,9 @@ class NonlinearSolver:
         self.output_shapes = output_shapes
         self.jaxy = jaxy
         self.traceable = jaxy and pure
+        self.max_batch = max_batch
         self.names = result_names()
-        self._compiled: OrderedDict[Hashable, Callable] = OrderedDict()
+        self._compiled: OrderedDict[Hashable, _Run] = OrderedDict()
         self._lock = threading.Lock()
         self._points: dict[int, Any] = {}
         self._handles = itertools.count()
@@ -236,7 +276,7 @@ class NonlinearSolver:
         structures known before solving tell."""
         ins, outs = self._structures(payload)
         try:
-            check_payload(payload, ins, outs)
+            check_payload(payload, ins, outs, self.max_batch)
         except Invalid as e:
             raise RequestValidationError([e.error]) from None
 
@@ -248,19 +288,22 @@ class NonlinearSolver:
             if outs is None:
                 outs = self._probe(payload, ins)
             try:
-                check_payload(payload, ins, outs)
+                check_payload(payload, ins, outs, self.max_batch)
             except Invalid as e:
                 raise HTTPException(422, [e.error]) from None
+            batch = payload.batch
             y0 = payload.y0
             if y0 is None:
                 y0 = {p: get_at_path(payload.inputs, p) for p in ins}
             y0 = cast(y0, ins)
+            given = payload.y0 is not None
+            y0s = {} if batch is None else _stacked_y0(batch, y0, ins, given)
             if size(ins) == 0 or size(outs) == 0:
                 # No unknowns or no equations, which optimistix cannot run on:
                 # nothing to change, `y0` solves it, in no steps.
-                return NonlinearSolveOutputSchema.model_validate(
-                    {"solution": y0, "num_steps": 0, "result": "successful"}
-                )
+                if batch is None:
+                    return _answer(y0, 0, "successful")
+                return _answer(y0s, [0] * batch.size, ["successful"] * batch.size)
             spec = payload.solver
             tags = tuple(sorted(set(payload.tags)))
             skeleton, arrays = trees.flatten(payload.inputs)
@@ -285,18 +328,62 @@ class NonlinearSolver:
                     args,
                 ),
             )
-            # Done before the handle is: JAX may return before its callbacks ran.
-            value, code, steps = jax.block_until_ready(run(*args))
-        name = self.names[int(code)]
-        if payload.throw and name != "successful":
-            raise NonlinearSolveFailed(message(name))
-        return NonlinearSolveOutputSchema.model_validate(
-            {
-                "solution": {p: np.asarray(v) for p, v in value.items()},
-                "num_steps": int(steps),
-                "result": name,
-            }
+            if batch is None:
+                # Done before the handle is: JAX may return before its callbacks ran.
+                value, code, steps = jax.block_until_ready(run.single(*args))
+                name = self.names[int(code)]
+                self._throw(payload, [name])
+                return _answer(value, int(steps), name)
+            if run.solve is not None:
+                value, codes, steps = self._vmapped(
+                    key, run, payload, arrays, args, y0s
+                )
+            else:
+                value, codes, steps = self._looped(run, payload, y0s)
+        names = [self.names[int(c)] for c in codes]
+        self._throw(payload, names)
+        return _answer(value, [int(n) for n in steps], names)
+
+    def _throw(self, payload: Any, names: list[str]) -> None:
+        failed = [n for n in names if n != "successful"]
+        if payload.throw and failed:
+            raise NonlinearSolveFailed(message(failed[0]))
+
+    def _vmapped(
+        self, key: Hashable, run: "_Run", payload: Any, arrays: dict, args: tuple, y0s
+    ) -> tuple:
+        """A batch of problems by `jax.vmap` of the traced solve: one program."""
+        batch, (handle, leaves, _) = payload.batch, args
+        stacked = {_where(p): v for p, v in batch.inputs.items()}
+        axes = [0 if path in stacked else None for path in arrays]
+        leaves = [
+            np.asarray(stacked[path], np.asarray(leaf).dtype)
+            if path in stacked
+            else leaf
+            for path, leaf in zip(arrays, leaves, strict=True)
+        ]
+        solve = run.solve
+        assert solve is not None
+        vrun = self._compile(
+            (key, tuple(axes), batch.size),
+            lambda: _Run(
+                jax.jit(jax.vmap(solve, in_axes=(None, axes, 0))), None, run.way
+            ),
         )
+        return jax.block_until_ready(vrun.single(handle, leaves, y0s))
+
+    def _looped(self, run: "_Run", payload: Any, y0s: dict) -> tuple:
+        """A batch of problems one after the other, each at its own point."""
+        batch, out = payload.batch, []
+        for i in range(batch.size):
+            arrays = {_where(p): np.asarray(v[i]) for p, v in batch.inputs.items()}
+            point = trees.rebuild(payload.inputs, (), arrays)
+            with self._at(point) as handle:
+                y0 = {p: v[i] for p, v in y0s.items()}
+                out.append(jax.block_until_ready(run.single(np.int32(handle), [], y0)))
+        values, codes, steps = zip(*out, strict=True)
+        value = {p: np.stack([np.asarray(v[p]) for v in values]) for p in y0s}
+        return value, codes, steps
 
     def _structures(self, payload: Any) -> tuple[Structs, Structs | None]:
         """`(at wrt, at of)`; the second `None` if `abstract_eval` does not tell."""
@@ -330,10 +417,10 @@ class NonlinearSolver:
         tags: tuple[str, ...],
         point: tuple[Any, Any, list],
         args: tuple,
-    ) -> Callable:
-        """The `(handle, leaves, y0) -> (solution, result code, steps)` of one
-        signature: traced where the Tesseract allows (compiled here, for `args`),
-        else by callbacks. `point` is `(inputs, skeleton, array paths)`."""
+    ) -> "_Run":
+        """The solve of one signature: traced where the Tesseract allows (compiled
+        here, for `args`), else by callbacks. `point` is `(inputs, skeleton, array
+        paths)`."""
         wrt, of = tuple(ins), tuple(outs)
         solver = optimistix_solver(spec)
         least_squares = spec.name in nonlinear.LEAST_SQUARES
@@ -369,9 +456,9 @@ class NonlinearSolver:
         called = (_called_apply(apply_cb, outs), _called_jvp(jvp_cb, outs))
         ways = []
         if self.traceable:
-            apply_tr, jvp_tr = self._traced(wrt, of, outs, *point)
+            apply_tr, jvp_tr, apply_at = self._traced(wrt, of, outs, *point)
             ways = [("apply and JVP traced", apply_tr, jvp_tr)]
-            ways += [("apply called back, JVP traced", called[0], jvp_tr)]
+            ways += [("apply called back, JVP traced", apply_at, jvp_tr)]
         for way, primal, tangent in ways:
             try:
                 solve = jax.jit(_solving(optimise, primal, tangent))
@@ -386,27 +473,52 @@ class NonlinearSolver:
                 )
                 continue
             logger.info("/nonlinear_solve: compiled with the %s", way)
-            return compiled
-        logger.info("/nonlinear_solve: compiled with the apply and JVP called back")
+            return _Run(compiled, _solving(optimise, primal, tangent), way)
+        way = "apply and JVP called back"
+        logger.info("/nonlinear_solve: compiled with the %s", way)
         solve = jax.jit(_solving(optimise, *called))
         # The point's arrays stay out of it: the callbacks read the point by handle.
-        return lambda handle, leaves, y0: solve(handle, [], y0)
+        return _Run(lambda handle, leaves, y0: solve(handle, [], y0), None, way)
 
     def _traced(
         self, wrt: tuple, of: tuple, outs: Structs, inputs: Any, skeleton: Any, at: list
-    ) -> tuple[Callable, Callable]:
-        """`(primal, tangent)`: `(handle, leaves, y) -> residual` and `(handle, leaves,
-        y, t) -> J t`, the Tesseract's `apply` and JVP traced at the point whose
-        arrays (at the paths `at`) are `leaves`, with `y` at `wrt`. They keep of the
-        request its structure and non-array values, not its arrays."""
-        apply_fn, jvp_fn = self.apply_fn, self.raw_jvp
+    ) -> tuple[Callable, Callable, Callable]:
+        """`(primal, tangent, called)`: `(handle, leaves, y) -> residual` and
+        `(handle, leaves, y, t) -> J t`, the Tesseract's `apply` and JVP traced at
+        the point whose arrays (at the paths `at`) are `leaves`, with `y` at `wrt`;
+        and `called`, the residual there by a host callback of `apply` (the point
+        from the same operands, so a `jax.vmap` over them is a batch of points).
+        They keep of the request its structure and non-array values, not its
+        arrays."""
+        apply_fn, jvp_fn, points = self.apply_fn, self.raw_jvp, self._points
         template = trees.rebuild(inputs, (), dict.fromkeys(at))
         where = {p: _where(p) for p in wrt}
 
+        def values(leaves: list, y: dict) -> dict:
+            out = dict(zip(at, leaves, strict=True))
+            out.update({where[p]: v for p, v in y.items()})
+            return out
+
         def point(leaves: list, y: dict) -> Any:
-            values = dict(zip(at, leaves, strict=True))
-            values.update({where[p]: v for p, v in y.items()})
-            return trees.traced(template, skeleton, values)
+            return trees.traced(template, skeleton, values(leaves, y))
+
+        carried = _carried(outs)
+        zeros = _to_carried(
+            {p: np.zeros(s.shape, s.dtype) for p, s in outs.items()}, outs
+        )
+
+        def apply_at(handle: Any, leaves: list, y: dict) -> dict:
+            if int(handle) not in points:
+                return zeros  # optimistix's placeholder: see `_callbacks`
+            arrays = {k: np.asarray(v) for k, v in values(leaves, y).items()}
+            out = apply_fn(trees.rebuild(template, (), arrays))
+            return _to_carried({p: get_at_path(out, p) for p in of}, outs)
+
+        def called(handle: Any, leaves: list, y: dict) -> dict:
+            out = jax.pure_callback(
+                apply_at, carried, handle, leaves, y, vmap_method="sequential"
+            )
+            return _from_carried(out, outs)
 
         def cast(out: Any) -> dict:
             return {
@@ -419,7 +531,7 @@ class NonlinearSolver:
         def tangent(handle: Any, leaves: list, y: dict, t: dict) -> dict:
             return cast(jvp_fn(point(leaves, y), set(wrt), set(of), t))
 
-        return primal, tangent
+        return primal, tangent, called
 
     def _callbacks(
         self, wrt: tuple, of: tuple, ins: Structs, outs: Structs
@@ -501,7 +613,7 @@ class NonlinearSolver:
         finally:
             del self._points[handle]
 
-    def _compile(self, key: Hashable, make: Callable[[], Callable]) -> Callable:
+    def _compile(self, key: Hashable, make: Callable[[], "_Run"]) -> "_Run":
         with self._lock:
             run = self._compiled.get(key)
         if run is None:

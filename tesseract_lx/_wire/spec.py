@@ -165,6 +165,8 @@ class Capabilities:
     - `nonlinear_solvers`, `nonlinear_step_solvers`: the optimistix solvers (by name,
         `_wire/nonlinear.py`) its `/nonlinear_solve` runs, and the lineax solvers it
         runs their steps with; `()` without the endpoint (a stock or older server).
+    - `nonlinear_batch`: whether its `/nonlinear_solve` takes several problems in one
+        request (`batch`); `False` when it does not say.
     """
 
     version: str | None = None
@@ -179,6 +181,7 @@ class Capabilities:
     linear_solve_options: tuple[str, ...] = ()
     nonlinear_solvers: tuple[str, ...] = ()
     nonlinear_step_solvers: tuple[str, ...] = ()
+    nonlinear_batch: bool = False
 
     @classmethod
     def stock(cls) -> "Capabilities":
@@ -205,6 +208,7 @@ class Capabilities:
             "linear_solve_options": list(self.linear_solve_options),
             "nonlinear_solvers": list(self.nonlinear_solvers),
             "nonlinear_step_solvers": list(self.nonlinear_step_solvers),
+            "nonlinear_batch": self.nonlinear_batch,
         }
 
     @classmethod
@@ -225,6 +229,7 @@ class Capabilities:
             linear_solve_options=_names(d.get("linear_solve_options")),
             nonlinear_solvers=_names(d.get("nonlinear_solvers")),
             nonlinear_step_solvers=_names(d.get("nonlinear_step_solvers")),
+            nonlinear_batch=d.get("nonlinear_batch") is True,
         )
 
     @classmethod
