@@ -163,13 +163,11 @@ def vmap_jvp(case: Case, c):
     return fn, (_point(case), _random(case, case.k))
 
 
-def _newton(solver, on_server: bool = False):
+def _newton(solver: Callable[[Any], Any]):
+    """A root find with `solver(contender)`, from the problem's start."""
+
     def scenario(case: Case, c):
-        fn = c.residual_fn()
-        newton = solver
-        if on_server:
-            krylov = c.on_server(lx.GMRES(rtol=TOL, atol=TOL))
-            newton = optx.Newton(rtol=TOL, atol=TOL, linear_solver=krylov)
+        fn, newton = c.residual_fn(), solver(c)
 
         @jax.jit
         def solve(u0, args):
@@ -182,28 +180,22 @@ def _newton(solver, on_server: bool = False):
     return scenario
 
 
-newton_lu = _newton(optx.Newton(rtol=TOL, atol=TOL))
+def _gmres() -> lx.GMRES:
+    return lx.GMRES(rtol=TOL, atol=TOL)
+
+
+newton_lu = _newton(lambda c: optx.Newton(rtol=TOL, atol=TOL))
 newton_gmres = _newton(
-    optx.Newton(rtol=TOL, atol=TOL, linear_solver=lx.GMRES(rtol=TOL, atol=TOL))
+    lambda c: optx.Newton(rtol=TOL, atol=TOL, linear_solver=_gmres())
 )
-newton_onserver = _newton(None, on_server=True)
-
-
-def newton_whole(case: Case, c):
-    """The whole Newton solve where the contender runs a solve next to the Tesseract:
-    `tlx.OnServer(optx.Newton(...))` for tesseract_lx, one request per root find."""
-    fn = c.residual_fn()
-    newton = c.on_server(
-        optx.Newton(rtol=TOL, atol=TOL, linear_solver=lx.GMRES(rtol=TOL, atol=TOL))
-    )
-
-    @jax.jit
-    def solve(u0, args):
-        sol = optx.root_find(fn, newton, u0, args, max_steps=MAX_STEPS, throw=False)
-        ok = sol.result == optx.RESULTS.successful
-        return {"value": sol.value, "steps": sol.stats["num_steps"], "ok": ok}
-
-    return solve, _root_problem(case)
+# The Krylov loop where the contender runs a solve next to the Tesseract.
+newton_onserver = _newton(
+    lambda c: optx.Newton(rtol=TOL, atol=TOL, linear_solver=c.on_server(_gmres()))
+)
+# The whole Newton solve there: `tlx.OnServer(optx.Newton(...))`, one request.
+newton_whole = _newton(
+    lambda c: c.on_server(optx.Newton(rtol=TOL, atol=TOL, linear_solver=_gmres()))
+)
 
 
 def _solve(solver):
@@ -394,7 +386,12 @@ SCENARIOS = {
         "solve on the server where it serves `/nonlinear_solve`, one request "
         "(tesseract-jax and pure JAX: the same maths, locally)",
         newton_whole,
-        (("bratu", 16, 0), ("bratu", 32, 0), ("bratu_numpy", 16, 0), ("springs", 16, 0)),
+        (
+            ("bratu", 16, 0),
+            ("bratu", 32, 0),
+            ("bratu_numpy", 16, 0),
+            ("springs", 16, 0),
+        ),
         far=(("bratu", 16, 0),),
         peer_from="newton_gmres",
     ),
