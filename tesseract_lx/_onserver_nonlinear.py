@@ -185,7 +185,7 @@ def _send(found: problem.Residual, y: Any, wrapper: Any, tags: list[str]):
         answers = []
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            answers.extend(_request(start, stop, flat, varying, n))
+            answers.extend(_request(start, stop, flat, varying))
         solution = [np.stack([a[k] for a in answers]) for k in range(len(wrt))]
         codes, steps = (np.array([a[k] for a in answers], np.int32) for k in (-2, -1))
         return (
@@ -194,9 +194,9 @@ def _send(found: problem.Residual, y: Any, wrapper: Any, tags: list[str]):
             steps.reshape(full),
         )
 
-    def _request(start: int, stop: int, flat: list, varying: list, n: int) -> list:
-        """The answers of problems `start:stop` (of `n`): one request when there are
-        several, each `_take`n apart."""
+    def _request(start: int, stop: int, flat: list, varying: list) -> list:
+        """The answers of problems `start:stop`, each as `_take` gives it: one
+        request (a `batch` when there are several)."""
         values: list = list(found.point)
         for k, i in enumerate(where):
             values[i] = flat[k][start if k in varying else 0]
