@@ -133,6 +133,26 @@ def _solve_batch(
     return jax.vmap(one)(pack(rhs), pack(y0))
 
 
+def structures(
+    inputs: Any, ins: Any, outs: Any, output_shapes: Callable[[Any], Any]
+) -> tuple[Structs, Structs | None]:
+    """`({path: struct} at the input paths `ins`, at the output paths `outs`)` of a
+    payload's `inputs`; the second `None` if `output_shapes` (`abstract_eval`) does
+    not tell."""
+    at_ins = {}
+    for p in ins:
+        x = np.asarray(get_at_path(inputs, p))
+        at_ins[p] = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    shapes = output_shapes(inputs)
+    if shapes is None:
+        return at_ins, None
+    at_outs = {}
+    for p in outs:
+        ref = get_at_path(shapes, p)
+        at_outs[p] = jax.ShapeDtypeStruct(tuple(ref["shape"]), np.dtype(ref["dtype"]))
+    return at_ins, at_outs
+
+
 class LinearSolver:
     """The `/linear_solve` solves of one app: `check(payload)` before a request runs,
     `solve(payload)` to run it.
@@ -229,18 +249,9 @@ class LinearSolver:
     def _structures(self, payload: Any) -> tuple[Structs, Structs | None]:
         """`(at jvp_inputs, at jvp_outputs)`; the second `None` if not known before
         solving (the Tesseract has no `abstract_eval`)."""
-        ins = {}
-        for p in payload.jvp_inputs:
-            x = np.asarray(get_at_path(payload.inputs, p))
-            ins[p] = jax.ShapeDtypeStruct(x.shape, x.dtype)
-        shapes = self.output_shapes(payload.inputs)
-        if shapes is None:
-            return ins, None
-        outs = {}
-        for p in payload.jvp_outputs:
-            ref = get_at_path(shapes, p)
-            outs[p] = jax.ShapeDtypeStruct(tuple(ref["shape"]), np.dtype(ref["dtype"]))
-        return ins, outs
+        return structures(
+            payload.inputs, payload.jvp_inputs, payload.jvp_outputs, self.output_shapes
+        )
 
     def _prepare(
         self, payload: Any, ins: Structs, outs: Structs

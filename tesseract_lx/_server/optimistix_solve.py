@@ -52,7 +52,7 @@ from .._wire import nonlinear, paths
 from .._wire.spec import JVP
 from . import trees
 from .cache import remember
-from .krylov import lineax_solver
+from .krylov import lineax_solver, structures
 from .nonlinear_payload import check_payload, NonlinearSolveOutputSchema
 from .solve_payload import cast, Invalid, size
 from .upstream_optimistix import check_optimistix, message, result_code, result_names
@@ -387,18 +387,7 @@ class NonlinearSolver:
 
     def _structures(self, payload: Any) -> tuple[Structs, Structs | None]:
         """`(at wrt, at of)`; the second `None` if `abstract_eval` does not tell."""
-        ins = {}
-        for p in payload.wrt:
-            x = np.asarray(get_at_path(payload.inputs, p))
-            ins[p] = jax.ShapeDtypeStruct(x.shape, x.dtype)
-        shapes = self.output_shapes(payload.inputs)
-        if shapes is None:
-            return ins, None
-        outs = {}
-        for p in payload.of:
-            ref = get_at_path(shapes, p)
-            outs[p] = jax.ShapeDtypeStruct(tuple(ref["shape"]), np.dtype(ref["dtype"]))
-        return ins, outs
+        return structures(payload.inputs, payload.wrt, payload.of, self.output_shapes)
 
     def _probe(self, payload: Any, ins: Structs) -> Structs:
         """The residual's structure when nothing states it: one `apply` tells."""
